@@ -1,0 +1,31 @@
+# quantserve: `make run` starts the embedded service, `make test` runs the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: run test test-slow lint services bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/quantserve serve --data-dir ./.quantserve
+
+services:
+	bash scripts/ensure-services.sh
+
+test: $(VENV)/.installed services
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+test-slow: $(VENV)/.installed services
+	$(PY) -m pytest -m slow
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .quantserve

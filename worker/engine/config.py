@@ -1,0 +1,78 @@
+"""One frozen pydantic config per method. torch-free: the API validates requests with these."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class MethodConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = 1
+    exclude: tuple[str, ...] = Field((), description="Regexes over layer names; matches stay float.")
+
+    @field_validator("exclude")
+    @classmethod
+    def _regexes_compile(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        import re
+
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from exc
+        return value
+
+
+class DynamicConfig(MethodConfig):
+    """Dynamic int8: weights int8 ahead of time, activations quantized per call."""
+
+    dtype: Literal["int8"] = Field("int8", description="Weight dtype.")
+    granularity: Literal["per_tensor", "per_channel"] = Field(
+        "per_channel", description="Weight scale granularity; per-channel matters on transformers."
+    )
+    symmetric: bool = Field(True, description="Symmetric (signed int8) weights.")
+
+
+class CalibrationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    algorithm: Literal["minmax", "entropy", "percentile", "histogram"] = Field(
+        "minmax", description="How activation ranges are chosen from calibration data."
+    )
+    percentile: float = Field(99.999, gt=90.0, le=100.0, description="For algorithm=percentile.")
+    num_samples: int = Field(256, ge=1, le=100_000, description="Calibration samples used at most.")
+
+
+class StaticConfig(MethodConfig):
+    """Static int8 post-training quantization with calibration."""
+
+    dtype: Literal["int8"] = Field("int8", description="Weight and activation dtype.")
+    granularity: Literal["per_tensor", "per_channel"] = Field("per_channel", description="Weight scales.")
+    symmetric: bool = Field(True, description="Symmetric weights.")
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+
+
+class QATConfig(StaticConfig):
+    """Quantization-aware fine-tuning, then static conversion."""
+
+    epochs: int = Field(3, ge=1, le=1000)
+    learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    batch_size: int = Field(32, ge=2, le=65536)
+    loss: Literal["distillation", "cross_entropy", "mse"] = Field(
+        "distillation", description="distillation matches the float model's outputs; needs no labels."
+    )
+
+
+class WeightOnlyConfig(MethodConfig):
+    """Weight-only int8/int4 for large Linear-heavy models."""
+
+    dtype: Literal["int8", "int4"] = Field("int8", description="Weight dtype.")
+    granularity: Literal["per_channel", "per_group"] = Field("per_group", description="Weight scales.")
+    symmetric: bool = Field(True, description="Symmetric weights.")
+    group_size: Literal[32, 64, 128, -1] = Field(128, description="-1 = per channel.")
+    algorithm: Literal["rtn", "gptq", "awq", "hqq"] = Field(
+        "rtn", description="gptq/awq need a calibration dataset; hqq is data-free."
+    )

@@ -1,0 +1,119 @@
+"""Plain data types the engine takes and returns. torch-free: the API imports this module."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+
+class ModelFormat(StrEnum):
+    onnx = "onnx"
+    torchscript = "torchscript"
+    torch_export = "torch_export"
+    hf = "hf"
+
+
+class Method(StrEnum):
+    dynamic = "dynamic"
+    static = "static"
+    qat = "qat"
+    weight_only = "weight_only"
+
+
+class Device(StrEnum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Status(StrEnum):
+    stable = "stable"
+    legacy = "legacy"
+    experimental = "experimental"
+
+
+class DatasetKind(StrEnum):
+    tensors = "tensors"
+    text = "text"
+
+
+class EngineError(Exception):
+    """A failure the user can fix (bad file, bad data, unsupported model). Never retried."""
+
+    code = "invalid_input"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class UnsupportedModel(EngineError):
+    code = "unsupported"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy-style name: float32, int64, ...
+    shape: list[int | str]  # str for a symbolic dimension ("batch")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What validation learns about an uploaded model."""
+
+    format: ModelFormat
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    num_parameters: int | None
+    architecture: str | None = None
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    dtype: str
+    shape: list[int]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    kind: DatasetKind
+    num_samples: int
+    arrays: dict[str, ArrayInfo]
+    has_labels: bool
+
+
+@dataclass(frozen=True)
+class ArtifactFile:
+    """One deliverable the engine wrote into the job's scratch folder."""
+
+    kind: str  # model | compiled_model | report | ...
+    path: Path
+    filename: str
+    format: str | None = None
+
+
+@dataclass
+class QuantizeResult:
+    artifacts: list[ArtifactFile]
+    metrics: dict[str, Any]  # the `metrics` object of API.md
+    report: dict[str, Any] = field(default_factory=dict)  # extra report.json fields (versions, cpu, ...)
+
+
+# progress(stage, fraction in 0..1 within the whole job); log(level, message)
+ProgressFn = Callable[[str, float], None]
+LogFn = Callable[[str, str], None]
+
+
+def no_progress(stage: str, fraction: float) -> None:  # noqa: ARG001 - default callback
+    return None
+
+
+def no_log(level: str, message: str) -> None:  # noqa: ARG001 - default callback
+    return None
