@@ -1,0 +1,169 @@
+"""quantserve serve | api | worker | migrate | keys — one command line for every process."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from app.settings import Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    # The data dir travels by environment variable so that child processes (the worker) agree with us.
+    if getattr(args, "data_dir", None):
+        os.environ["QUANTSERVE_DATA_DIR"] = str(Path(args.data_dir).resolve())
+    settings = Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return settings
+
+
+def _session_factory(settings: Settings):
+    from app.db import make_engine, make_session_factory
+
+    return make_session_factory(make_engine(settings.effective_database_url))
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from app.migrate import upgrade
+
+    settings = _settings(args)
+    upgrade(settings.effective_database_url)
+    print("database is at the latest migration")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from app.db import transaction
+    from app.services import keys
+
+    settings = _settings(args)
+    factory = _session_factory(settings)
+    with transaction(factory) as session:
+        if args.keys_command == "create":
+            key = keys.create(session, args.tenant)
+            print(f"created a key for tenant {args.tenant!r}; it is shown only once:", file=sys.stderr)
+            print(key)
+        elif args.keys_command == "list":
+            for k in keys.list_keys(session):
+                state = f"revoked {k.revoked_at:%Y-%m-%d}" if k.revoked_at else "active"
+                print(f"{k.prefix}…  tenant={k.tenant}  created={k.created_at:%Y-%m-%dT%H:%M:%SZ}  {state}")
+        else:
+            count = keys.revoke(session, args.prefix)
+            print(f"revoked {count} key(s)")
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.main import create_app
+
+    settings = _settings(args)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    _settings(args)
+    from worker.celery_app import celery_app
+
+    argv = ["worker", "--queues", args.queues, "--loglevel", args.loglevel]
+    if args.concurrency:
+        argv += ["--concurrency", str(args.concurrency)]
+    if args.hostname:
+        argv += ["--hostname", args.hostname]
+    celery_app.worker_main(argv)
+    return 0
+
+
+def _bootstrap_key(settings: Settings, factory) -> None:
+    from app.db import transaction
+    from app.services import keys
+
+    with transaction(factory) as session:
+        if keys.any_key_exists(session):
+            return
+        key = keys.create(session, "default")
+    path = settings.data_dir / "bootstrap.key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    print(f"first start: an API key for tenant 'default' is in {path.resolve()}", flush=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Everything on one machine: SQLite, a local store, an embedded broker, one real Celery worker."""
+    import uvicorn
+
+    from app.main import create_app
+    from app.migrate import upgrade
+
+    settings = _settings(args)
+    upgrade(settings.effective_database_url)
+    _bootstrap_key(settings, _session_factory(settings))
+    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--queues", "cpu",
+                               "--hostname", "embedded@%h"], env=os.environ.copy())
+    try:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_data_dir(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--data-dir", help="where the embedded database, broker and artifacts live "
+                                          "(default: $QUANTSERVE_DATA_DIR or ./.quantserve)")
+        return p
+
+    serve = with_data_dir(sub.add_parser("serve", help="run API + worker on this machine, nothing else needed"))
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=cmd_serve)
+
+    api = with_data_dir(sub.add_parser("api", help="run the HTTP API"))
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.set_defaults(func=cmd_api)
+
+    worker = with_data_dir(sub.add_parser("worker", help="run a Celery worker"))
+    worker.add_argument("--queues", default="cpu", help="comma-separated: cpu, gpu")
+    worker.add_argument("--concurrency", type=int, default=0)
+    worker.add_argument("--hostname", default="")
+    worker.add_argument("--loglevel", default="info")
+    worker.set_defaults(func=cmd_worker)
+
+    with_data_dir(sub.add_parser("migrate", help="apply database migrations")).set_defaults(func=cmd_migrate)
+
+    keys = with_data_dir(sub.add_parser("keys", help="manage API keys"))
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key; prints it alone on the last line")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--data-dir", help=argparse.SUPPRESS)
+    lst = keys_sub.add_parser("list")
+    lst.add_argument("--data-dir", help=argparse.SUPPRESS)
+    revoke = keys_sub.add_parser("revoke")
+    revoke.add_argument("prefix")
+    revoke.add_argument("--data-dir", help=argparse.SUPPRESS)
+    keys.set_defaults(func=cmd_keys)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""create_app(): the FastAPI application. Nothing is built at import; the lifespan builds it."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import __version__, errors
+from app.broker import OutboxRelay, Publisher
+from app.db import make_engine, make_session_factory
+from app.routes import jobs, system, uploads
+from app.settings import Settings
+from app.storage import LocalStorage
+from worker.celery_app import create_celery
+
+
+class BodyLimitAndCounters:
+    """Pure ASGI: request ids, request counters, and a size cap on JSON bodies counted while streaming.
+
+    Upload routes are exempt here: they enforce QUANTSERVE_MAX_UPLOAD_BYTES themselves, mid-stream.
+    """
+
+    def __init__(self, app: ASGIApp, max_json_bytes: int, counts: Counter) -> None:
+        self.app, self.max_json_bytes, self.counts = app, max_json_bytes, counts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, method = scope["path"], scope["method"]
+        is_upload = path.endswith("/upload") or (method == "POST" and path in ("/v1/models", "/v1/datasets"))
+        scope.setdefault("state", {})["request_id"] = uuid.uuid4().hex
+        seen = 0
+        status_holder = {"status": 500}
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request" and not is_upload:
+                seen += len(message.get("body", b""))
+                if seen > self.max_json_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, counting_send)
+        except _BodyTooLarge:
+            await _send_413(send, self.max_json_bytes, path)
+            status_holder["status"] = 413
+        finally:
+            self.counts[(method, status_holder["status"])] += 1
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _send_413(send: Send, limit: int, path: str) -> None:
+    import json
+
+    body = json.dumps({"type": errors.PROBLEM_BASE + "too-large", "title": "Body too large", "status": 413,
+                       "detail": f"the request body is larger than {limit} bytes", "instance": path,
+                       "code": "too_large"}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/problem+json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.effective_database_url)
+        factory = make_session_factory(engine)
+        publisher = Publisher(create_celery(settings))
+        OutboxRelay(factory, publisher).install()
+        app.state.settings = settings
+        app.state.db_engine = engine
+        app.state.session_factory = factory
+        app.state.storage = LocalStorage(settings.storage_dir)
+        app.state.publisher = publisher
+        yield
+        engine.dispose()
+
+    app = FastAPI(title="quantserve", version=__version__, lifespan=lifespan,
+                  description="Upload a model, submit a quantization job, download a smaller, faster model.")
+    app.state.request_counts = Counter()
+    errors.install(app)
+    app.include_router(system.router)
+    app.include_router(uploads.models_router)
+    app.include_router(uploads.datasets_router)
+    app.include_router(jobs.router)
+    app.add_middleware(BodyLimitAndCounters, max_json_bytes=settings.max_json_bytes,
+                       counts=app.state.request_counts)
+    return app

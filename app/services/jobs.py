@@ -1,0 +1,187 @@
+"""Jobs: every check before queueing, idempotency, the outbox, cancel, logs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.broker import enqueue
+from app.errors import Conflict, DatasetMismatch, ModelNotReady, UnsupportedMethodError, ValidationFailed
+from app.ids import uuid7
+from app.models import Artifact, Dataset, Job, JobLog, Model, utcnow
+from app.schemas import JobCreate
+from app.services.common import tenant_get, tenant_select
+from worker import task_names
+from worker.engine.registry import MethodSpec, UnsupportedMethod, resolve
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+DATASET_FIELDS = ("calibration_dataset_id", "training_dataset_id", "evaluation_dataset_id")
+
+
+def request_hash(body: JobCreate) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def submit(session: Session, tenant_id: uuid.UUID, body: JobCreate, *, max_attempts: int,
+           idempotency_key: str | None) -> tuple[Job, bool]:
+    """Check, then write the job and its outbox row in the caller's transaction. Returns (job, created)."""
+    digest = request_hash(body)
+    if idempotency_key:
+        existing = _find_by_key(session, tenant_id, idempotency_key)
+        if existing is not None:
+            return _replay(existing, digest, idempotency_key), False
+
+    model = tenant_get(session, Model, tenant_id, body.model_id, what="model")
+    spec = _resolve_spec(model, body)
+    config = _effective_config(spec, body.config)
+    if model.status != "ready":
+        raise ModelNotReady(f"model {model.id} is {model.status}; wait until it is ready",
+                            errors=[{"loc": ["body", "model_id"], "msg": f"model is {model.status}"}])
+    datasets = _check_datasets(session, tenant_id, body, spec, model)
+
+    job = Job(id=uuid7(), tenant_id=tenant_id, model_id=model.id, method=spec.method.value, device=body.device,
+              config=config, name=body.name, labels=body.labels, idempotency_key=idempotency_key,
+              request_hash=digest, max_attempts=max_attempts, status="queued", progress=0.0,
+              **{f: (d.id if d else None) for f, d in datasets.items()})
+    try:
+        with session.begin_nested():  # a concurrent request with the same key loses here, not with a 500
+            session.add(job)
+            session.flush()
+    except IntegrityError:
+        existing = _find_by_key(session, tenant_id, idempotency_key) if idempotency_key else None
+        if existing is None:
+            raise
+        return _replay(existing, digest, idempotency_key or ""), False
+    enqueue(session, task_names.RUN_JOB, [str(job.id)], task_names.QUEUE_FOR_DEVICE[job.device])
+    log(session, job.id, "info", f"queued: {model.format}/{spec.method.value} on {job.device}")
+    return job, True
+
+
+def _find_by_key(session: Session, tenant_id: uuid.UUID, key: str) -> Job | None:
+    return session.scalar(tenant_select(Job, tenant_id).where(Job.idempotency_key == key))
+
+
+def _replay(existing: Job, digest: str, key: str) -> Job:
+    if existing.request_hash != digest:
+        raise Conflict(f"Idempotency-Key {key!r} was already used with a different request body")
+    return existing
+
+
+def _resolve_spec(model: Model, body: JobCreate) -> MethodSpec:
+    try:
+        spec = resolve(model.format, body.method)
+    except UnsupportedMethod as exc:
+        supported = [p for p in exc.supported if p.startswith(f"{model.format}/")]
+        raise UnsupportedMethodError(
+            f"method {body.method!r} is not supported for {model.format} models; supported for "
+            f"{model.format}: {', '.join(supported) or 'none yet'}; all: {', '.join(exc.supported)}",
+            errors=[{"loc": ["body", "method"], "msg": f"not supported for format {model.format}"}],
+            supported=exc.supported) from None
+    if body.device not in {d.value for d in spec.devices}:
+        raise UnsupportedMethodError(
+            f"{model.format}/{body.method} runs on {', '.join(sorted(d.value for d in spec.devices))}, "
+            f"not {body.device}", errors=[{"loc": ["body", "device"], "msg": f"{body.device} not available"}])
+    return spec
+
+
+def _effective_config(spec: MethodSpec, raw: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return spec.config_model.model_validate(raw).model_dump(mode="json")
+    except ValidationError as exc:
+        errors = [{"loc": ["body", "config", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]
+        detail = "; ".join(f"config.{'.'.join(str(p) for p in e['loc'][2:])}: {e['msg']}" for e in errors)
+        raise ValidationFailed(detail, errors=errors) from None
+
+
+def _check_datasets(session: Session, tenant_id: uuid.UUID, body: JobCreate, spec: MethodSpec,
+                    model: Model) -> dict[str, Dataset | None]:
+    if spec.needs_calibration and body.calibration_dataset_id is None:
+        raise ValidationFailed(f"{spec.method.value} needs calibration_dataset_id",
+                               errors=[{"loc": ["body", "calibration_dataset_id"], "msg": "required"}])
+    if spec.needs_training and body.training_dataset_id is None:
+        raise ValidationFailed(f"{spec.method.value} needs training_dataset_id",
+                               errors=[{"loc": ["body", "training_dataset_id"], "msg": "required"}])
+    found: dict[str, Dataset | None] = {}
+    for field in DATASET_FIELDS:
+        dataset_id = getattr(body, field)
+        if dataset_id is None:
+            found[field] = None
+            continue
+        dataset = session.scalar(tenant_select(Dataset, tenant_id).where(Dataset.id == dataset_id))
+        loc = ["body", field]
+        if dataset is None:
+            raise ValidationFailed(f"{field}: no dataset with id {dataset_id}",
+                                   errors=[{"loc": loc, "msg": "no such dataset"}])
+        if dataset.status != "ready":
+            raise ValidationFailed(f"{field}: dataset {dataset_id} is {dataset.status}",
+                                   errors=[{"loc": loc, "msg": f"dataset is {dataset.status}"}])
+        problem = dataset_mismatch(model, dataset)
+        if problem:
+            raise DatasetMismatch(f"{field}: {problem}", errors=[{"loc": loc, "msg": problem}])
+        found[field] = dataset
+    return found
+
+
+def dataset_mismatch(model: Model, dataset: Dataset) -> str | None:
+    """Why a dataset cannot feed a model (names, dtypes, trailing shapes), or None if it can."""
+    if dataset.kind == "text":
+        return None if model.format == "hf" else f"a text dataset needs an hf model, this one is {model.format}"
+    inputs = model.inputs or []
+    arrays = {k: v for k, v in (dataset.arrays or {}).items() if k != "labels"}
+    if len(inputs) == 1 and len(arrays) == 1:
+        pairs = [(inputs[0], next(iter(arrays.items())))]
+    else:
+        missing = [i["name"] for i in inputs if i["name"] not in arrays]
+        if missing:
+            return f"the model's inputs {missing} have no array of that name (dataset has {sorted(arrays)})"
+        pairs = [(i, (i["name"], arrays[i["name"]])) for i in inputs]
+    for spec, (array_name, array) in pairs:
+        if spec["dtype"] in ("unknown", "") or not spec["shape"]:
+            continue  # the format carries no signature (TorchScript): the engine checks at run time
+        want, got = list(spec["shape"][1:]), list(array["shape"][1:])
+        shape_ok = len(want) == len(got) and all(
+            not isinstance(w, int) or w == g for w, g in zip(want, got, strict=True))
+        if spec["dtype"] != array["dtype"] or not shape_ok:
+            fmt = ", ".join(str(d) if isinstance(d, int) else "?" for d in spec["shape"])
+            return (f"input {spec['name']!r} expects {spec['dtype']}[{fmt}]; dataset array {array_name!r} is "
+                    f"{array['dtype']}{list(array['shape'])}")
+    return None
+
+
+def cancel(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    job = tenant_get(session, Job, tenant_id, job_id, what="job")
+    result = session.execute(
+        update(Job).where(Job.id == job.id, Job.status.in_(("queued", "running")))
+        .values(status="cancelled", finished_at=utcnow(), lease_until=None)
+    )
+    if not result.rowcount:
+        raise Conflict(f"job {job_id} already ended as {job.status}; only queued or running jobs can be cancelled")
+    log(session, job.id, "info", "cancelled by the user")
+    session.refresh(job)
+    return job
+
+
+def log(session: Session, job_id: uuid.UUID, level: str, message: str) -> None:
+    session.add(JobLog(job_id=job_id, level=level, message=message))
+
+
+def logs(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID, since: int, limit: int) -> list[JobLog]:
+    tenant_get(session, Job, tenant_id, job_id, what="job")
+    stmt = select(JobLog).where(JobLog.job_id == job_id).order_by(JobLog.id).offset(since).limit(limit)
+    return list(session.scalars(stmt))
+
+
+def artifacts_of(session: Session, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, list[Artifact]]:
+    out: dict[uuid.UUID, list[Artifact]] = {i: [] for i in job_ids}
+    if job_ids:
+        for a in session.scalars(select(Artifact).where(Artifact.job_id.in_(job_ids)).order_by(Artifact.id)):
+            out[a.job_id].append(a)
+    return out

@@ -1,0 +1,84 @@
+"""Models and datasets: store the bytes, detect the format, create the row, queue validation."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.broker import enqueue
+from app.errors import Conflict, UnsupportedFormat, ValidationFailed
+from app.ids import uuid7
+from app.models import Dataset, Job, Model
+from app.storage import LocalStorage, PendingFile
+from worker import task_names
+from worker.engine.formats.detect import UnknownFormat, detect_dataset_kind, detect_model_format
+from worker.engine.types import ModelFormat
+
+ACTIVE_JOB_STATES = ("queued", "running")
+
+
+def _default_name(filename: str | None, fallback: str) -> str:
+    return (filename or fallback).rsplit("/", 1)[-1][:200] or fallback
+
+
+def create_model(session: Session, storage: LocalStorage, tenant_id: uuid.UUID, pending: PendingFile, *,
+                 name: str | None, filename: str | None, declared_format: str | None) -> Model:
+    try:
+        detected = detect_model_format(pending.path)
+    except UnknownFormat as exc:
+        raise UnsupportedFormat(str(exc)) from None
+    if declared_format:
+        try:
+            declared = ModelFormat(declared_format)
+        except ValueError:
+            raise ValidationFailed(
+                f"format must be one of {', '.join(f.value for f in ModelFormat)}",
+                errors=[{"loc": ["query", "format"], "msg": "unknown format"}]) from None
+        if declared != detected:
+            raise UnsupportedFormat(f"the bytes are a {detected.value} model, not {declared.value}")
+    model_id = uuid7()
+    model = Model(id=model_id, tenant_id=tenant_id, name=name or _default_name(filename, "model"),
+                  format=detected.value, size_bytes=pending.size, sha256=pending.sha256,
+                  storage_key=f"models/{model_id}/original")
+    storage.commit(pending, model.storage_key)
+    session.add(model)
+    session.flush()
+    enqueue(session, task_names.VALIDATE_MODEL, [str(model.id)], task_names.VALIDATION_QUEUE)
+    return model
+
+
+def create_dataset(session: Session, storage: LocalStorage, tenant_id: uuid.UUID, pending: PendingFile, *,
+                   name: str | None, filename: str | None, declared_kind: str | None) -> Dataset:
+    try:
+        kind = detect_dataset_kind(pending.path)
+    except UnknownFormat as exc:
+        raise UnsupportedFormat(str(exc)) from None
+    if declared_kind and declared_kind != kind.value:
+        raise UnsupportedFormat(f"the bytes are a {kind.value} dataset, not {declared_kind}")
+    dataset_id = uuid7()
+    dataset = Dataset(id=dataset_id, tenant_id=tenant_id, name=name or _default_name(filename, "dataset"),
+                      kind=kind.value, size_bytes=pending.size, sha256=pending.sha256,
+                      storage_key=f"datasets/{dataset_id}/original")
+    storage.commit(pending, dataset.storage_key)
+    session.add(dataset)
+    session.flush()
+    enqueue(session, task_names.VALIDATE_DATASET, [str(dataset.id)], task_names.VALIDATION_QUEUE)
+    return dataset
+
+
+def ensure_unused(session: Session, model_or_dataset: Any) -> None:
+    """A model or dataset that a queued or running job reads cannot be deleted (409)."""
+    is_model = isinstance(model_or_dataset, Model)
+    cols = (Job.model_id,) if is_model else (Job.calibration_dataset_id, Job.training_dataset_id,
+                                             Job.evaluation_dataset_id)
+    for col in cols:
+        job_id = session.scalar(select(Job.id).where(col == model_or_dataset.id,
+                                                     Job.status.in_(ACTIVE_JOB_STATES)).limit(1))
+        if job_id is not None:
+            what = "model" if is_model else "dataset"
+            raise Conflict(f"this {what} is used by job {job_id}, which is still queued or running; "
+                           "cancel it or wait for it to finish")
+

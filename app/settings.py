@@ -1,0 +1,47 @@
+"""Settings: one object, read from QUANTSERVE_* environment variables."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QUANTSERVE_", extra="ignore")
+
+    data_dir: Path = Field(Path(".quantserve"), description="Artifacts, and the embedded database/broker.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in data_dir.")
+    broker_url: str | None = Field(None, description="Celery broker URL; default: SQLite-backed, in data_dir.")
+    max_upload_bytes: int = Field(2 * 1024**3, description="Largest model or dataset upload.")
+    max_json_bytes: int = Field(1024**2, description="Largest JSON request body.")
+    job_lease_s: float = Field(30.0, description="A running job without a heartbeat this long is requeued.")
+    heartbeat_s: float = Field(1.0, description="How often a running job renews its lease and checks cancel.")
+    job_max_attempts: int = Field(3, description="Attempts before a job whose worker dies fails as worker_lost.")
+    job_time_limit_s: float = Field(3600.0, description="Wall-clock limit of one attempt.")
+    job_memory_limit_mb: int = Field(0, description="Address-space limit of the engine process; 0 = none.")
+    sweep_interval_s: float = Field(2.0, description="How often a worker re-publishes and reaps.")
+    worker_concurrency: int = Field(2, description="Tasks one worker process runs at once.")
+
+    @cached_property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'quantserve.db'}"
+
+    @cached_property
+    def effective_broker_url(self) -> str:
+        # Kombu's SQLAlchemy transport: a real broker in a file, so `serve` needs nothing installed.
+        return self.broker_url or f"sqla+sqlite:///{self.data_dir.resolve() / 'broker.db'}"
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.data_dir / "store"
+
+    @property
+    def scratch_dir(self) -> Path:
+        return self.data_dir / "scratch"
+
+
+def get_settings() -> Settings:
+    return Settings()

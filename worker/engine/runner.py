@@ -1,0 +1,80 @@
+"""The engine's child-process entry: `python -m worker.engine.runner REQUEST.json`.
+
+The worker runs every validation and quantization here, in a process with a cleaned environment
+(no database URL, no keys), its own scratch folder and resource limits, so a hostile or runaway
+model can be killed without touching the worker. Events go to stdout as JSON lines; the result
+goes to the file named in the request.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+
+def _emit(event: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+def _apply_limits(memory_mb: int) -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if memory_mb > 0:
+        limit = memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _run(request: dict[str, Any]) -> dict[str, Any]:
+    from worker import engine
+
+    op = request["op"]
+    if op == "inspect_model":
+        info = engine.inspect_model(Path(request["path"]), request["format"])
+        return {"inputs": [t.to_dict() for t in info.inputs], "outputs": [t.to_dict() for t in info.outputs],
+                "num_parameters": info.num_parameters, "architecture": info.architecture}
+    if op == "inspect_dataset":
+        ds = engine.inspect_dataset(Path(request["path"]), request["kind"])
+        return {"num_samples": ds.num_samples, "has_labels": ds.has_labels,
+                "arrays": {k: {"dtype": a.dtype, "shape": list(a.shape)} for k, a in ds.arrays.items()}}
+    if op == "quantize":
+        work_dir = Path(request["work_dir"])
+        datasets = {f"{role}_path": Path(p) for role, p in request.get("datasets", {}).items()}
+        result = engine.quantize(
+            Path(request["model_path"]), request["format"], request["method"], request["config"], work_dir,
+            device=request.get("device", "cpu"), model_name=request.get("model_name", "model"),
+            progress=lambda stage, fraction: _emit({"event": "progress", "stage": stage, "progress": fraction}),
+            log=lambda level, message: _emit({"event": "log", "level": level, "message": message}),
+            **datasets,
+        )
+        return {"artifacts": [{"kind": a.kind, "path": str(a.path), "filename": a.filename, "format": a.format}
+                              for a in result.artifacts],
+                "metrics": result.metrics, "report": result.report}
+    raise ValueError(f"unknown op {op!r}")
+
+
+def main(argv: list[str]) -> int:
+    request = json.loads(Path(argv[1]).read_text())
+    result_path = Path(request["result_path"])
+    _apply_limits(int(request.get("memory_limit_mb", 0)))
+    from worker.engine.types import EngineError
+
+    try:
+        outcome = {"ok": True, "result": _run(request)}
+    except EngineError as exc:
+        outcome = {"ok": False, "error": {"code": exc.code, "message": str(exc)}}
+    except MemoryError:
+        outcome = {"ok": False, "error": {"code": "out_of_memory",
+                                          "message": "the model needed more memory than the job's limit"}}
+    except Exception as exc:  # a bug or an unexpected library failure: keep the trace for the operator
+        traceback.print_exc(file=sys.stderr)
+        outcome = {"ok": False, "error": {"code": "internal", "message": f"{exc.__class__.__name__}: {exc}"}}
+    result_path.write_text(json.dumps(outcome, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
