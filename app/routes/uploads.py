@@ -37,6 +37,7 @@ async def _receive(request: Request, settings, storage, raw: bool, create) -> An
             await receive_raw(request, pending)
         else:
             fields, filename = await receive_multipart(request, pending)
+        pending.close()  # flush: format detection reads the file from disk
         return create(pending, fields, filename)
 
 

@@ -1,0 +1,139 @@
+"""Fixtures that start real services: a fresh PostgreSQL database, Redis, a Celery worker, the API."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = os.environ.get("QUANTSERVE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("QUANTSERVE_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Service:
+    """A running API + worker pair and a way to make tenant keys."""
+
+    base_url: str
+    env: dict[str, str]
+    data_dir: Path
+    api: subprocess.Popen
+    worker: subprocess.Popen
+    logs: Path
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def key(self, tenant: str) -> str:
+        if tenant not in self.keys:
+            out = subprocess.run([sys.executable, "-m", "app.cli", "keys", "create", "--tenant", tenant],
+                                 env=self.env, capture_output=True, text=True, check=True, cwd=ROOT)
+            self.keys[tenant] = out.stdout.strip().splitlines()[-1]
+        return self.keys[tenant]
+
+    def client(self, tenant: str = "acme") -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=60.0,
+                            headers={"Authorization": f"Bearer {self.key(tenant)}"})
+
+
+def start_service(env: dict[str, str], data_dir: Path, logs: Path) -> Service:
+    port = free_port()
+    logs.mkdir(parents=True, exist_ok=True)
+    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--queues", "cpu,gpu",
+                               "--hostname", f"test-{port}@%h"], env=env, cwd=ROOT,
+                              stdout=open(logs / "worker.log", "wb"), stderr=subprocess.STDOUT)
+    api = subprocess.Popen([sys.executable, "-m", "app.cli", "api", "--port", str(port)], env=env, cwd=ROOT,
+                           stdout=open(logs / "api.log", "wb"), stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    wait_http(base + "/healthz", proc=api)
+    return Service(base, env, data_dir, api, worker, logs)
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database with the migrations applied; dropped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    from app.migrate import upgrade
+
+    name = f"quantserve_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    upgrade(url)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def service(pg_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """The production topology: PostgreSQL + Redis + a real Celery worker process + the API over HTTP."""
+    import redis
+
+    db_index = 11
+    redis.Redis.from_url(f"{REDIS_URL}/{db_index}").flushdb()
+    data_dir = tmp_path_factory.mktemp("quantserve-data")
+    env = {**os.environ, "QUANTSERVE_DATABASE_URL": pg_database,
+           "QUANTSERVE_BROKER_URL": f"{REDIS_URL}/{db_index}", "QUANTSERVE_DATA_DIR": str(data_dir),
+           "QUANTSERVE_HEARTBEAT_S": "0.5", "QUANTSERVE_JOB_LEASE_S": "10", "QUANTSERVE_SWEEP_INTERVAL_S": "1",
+           "QUANTSERVE_MAX_UPLOAD_BYTES": str(64 * 1024 * 1024)}
+    svc = start_service(env, data_dir, tmp_path_factory.mktemp("logs"))
+    yield svc
+    stop(svc.api)
+    stop(svc.worker)
+
+
+def wait_for(client: httpx.Client, path: str, *, until: tuple[str, ...], timeout: float = 180.0) -> dict:
+    """Poll a resource until its status is one of `until`; fail with the last body otherwise."""
+    deadline = time.monotonic() + timeout
+    body: dict = {}
+    while time.monotonic() < deadline:
+        response = client.get(path)
+        response.raise_for_status()
+        body = response.json()
+        if body["status"] in until:
+            return body
+        time.sleep(0.25)
+    raise AssertionError(f"{path} still {body.get('status')} after {timeout} s: {body}")
