@@ -21,9 +21,10 @@ _PASSTHROUGH = ("PATH", "LANG", "LC_ALL", "TZ", "OMP_NUM_THREADS", "MKL_NUM_THRE
 
 
 class SandboxFailure(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason
 
 
 class Stopped(Exception):
@@ -106,7 +107,8 @@ def _outcome(returncode: int, result_path: Path, stderr_path: Path, memory_limit
         outcome = json.loads(result_path.read_text())
         if outcome["ok"]:
             return outcome["result"]
-        raise SandboxFailure(outcome["error"]["code"], outcome["error"]["message"])
+        error = outcome["error"]
+        raise SandboxFailure(error["code"], error["message"], error.get("reason"))
     tail = stderr_path.read_text(errors="replace")[-2000:] if stderr_path.exists() else ""
     if returncode == -signal.SIGKILL or "MemoryError" in tail or "std::bad_alloc" in tail:
         limit = f" of {memory_limit_mb} MB" if memory_limit_mb else ""

@@ -15,6 +15,17 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+# The job error codes of API.md; the engine's finer codes are folded into them (and kept as `reason`).
+JOB_ERROR_CODES = {"invalid_input", "unsupported", "timeout", "out_of_memory", "worker_lost", "internal"}
+_FOLDED = {"dataset_mismatch": "invalid_input", "evaluation_failed": "invalid_input",
+           "unsupported_format": "invalid_input", "nothing_to_quantize": "unsupported"}
+
+
+def public_error(code: str, message: str) -> dict[str, str]:
+    if code in JOB_ERROR_CODES:
+        return {"code": code, "message": message}
+    return {"code": _FOLDED.get(code, "invalid_input"), "message": message, "reason": code}
+
 
 def _emit(event: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(event) + "\n")
@@ -65,7 +76,7 @@ def main(argv: list[str]) -> int:
     try:
         outcome = {"ok": True, "result": _run(request)}
     except EngineError as exc:
-        outcome = {"ok": False, "error": {"code": exc.code, "message": str(exc)}}
+        outcome = {"ok": False, "error": public_error(exc.code, str(exc))}
     except MemoryError:
         outcome = {"ok": False, "error": {"code": "out_of_memory",
                                           "message": "the model needed more memory than the job's limit"}}

@@ -1,0 +1,195 @@
+"""Small real models and data for tests: digits MLP/CNN/LSTM, a tiny transformer, and their exporters."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+SEED = 0
+NUM_TEST = 360  # the last 360 digits are the held-out set, the rest trains
+
+
+@functools.cache
+def digits_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """sklearn's bundled digits as float32 [N, 1, 8, 8] in 0..1; a fixed split, no download."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.images.astype(np.float32) / 16.0)[:, None, :, :]
+    y = digits.target.astype(np.int64)
+    return x[:-NUM_TEST], y[:-NUM_TEST], x[-NUM_TEST:], y[-NUM_TEST:]
+
+
+class DigitsMLP(nn.Module):
+    def __init__(self, hidden: int = 256) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class DigitsCNN(nn.Module):
+    def __init__(self, channels: int = 32) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, channels, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.head = nn.Linear(channels * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.max_pool2d(torch.relu(self.bn2(self.conv2(x))), 2)
+        return self.head(x.flatten(1))
+
+
+class DigitsLSTM(nn.Module):
+    """Each image row is one timestep of 8 features."""
+
+    def __init__(self, hidden: int = 64) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(8, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x.reshape(x.shape[0], 8, 8))
+        return self.head(out[:, -1])
+
+
+def _train(model: nn.Module, epochs: int, lr: float = 3e-3) -> nn.Module:
+    x_train, y_train, _, _ = digits_data()
+    torch.manual_seed(SEED)
+    x, y = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x))
+        for start in range(0, len(x), 64):
+            idx = order[start : start + 64]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+    return model.eval()
+
+
+# The trained models are cached per session and shared: deepcopy one before changing it in place.
+
+
+@functools.cache
+def train_digits_mlp(epochs: int = 10) -> DigitsMLP:
+    torch.manual_seed(SEED)
+    return _train(DigitsMLP(), epochs)
+
+
+@functools.cache
+def train_digits_cnn(epochs: int = 5) -> DigitsCNN:
+    torch.manual_seed(SEED)
+    return _train(DigitsCNN(), epochs)
+
+
+@functools.cache
+def train_digits_lstm(epochs: int = 15) -> DigitsLSTM:
+    torch.manual_seed(SEED)
+    return _train(DigitsLSTM(), epochs, lr=1e-2)
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int, heads: int, ff: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.ff1, self.ff2 = nn.Linear(d, ff), nn.Linear(ff, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        h = self.ln1(x)
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(b, s, self.heads, d // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.q(h)), split(self.k(h)), split(self.v(h))
+        att = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, dim=-1)
+        x = x + self.o((att @ v).transpose(1, 2).reshape(b, s, d))
+        return x + self.ff2(nn.functional.gelu(self.ff1(self.ln2(x))))
+
+
+class TinyTransformer(nn.Module):
+    """Token ids [B, S] -> mean-pooled embedding [B, d]: a miniature sentence encoder."""
+
+    def __init__(self, vocab: int = 1000, d: int = 64, heads: int = 4, ff: int = 256, layers: int = 2,
+                 max_len: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(max_len, d) * 0.02)
+        self.blocks = nn.ModuleList(_Block(d, heads, ff) for _ in range(layers))
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids) + self.pos[: input_ids.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x).mean(dim=1)
+
+
+@functools.cache
+def tiny_transformer() -> TinyTransformer:
+    torch.manual_seed(SEED)
+    return TinyTransformer().eval()
+
+
+def token_ids(n: int, seq: int = 16, vocab: int = 1000, seed: int = SEED) -> np.ndarray:
+    """Deterministic random token ids, int64 [n, seq]."""
+    return np.random.default_rng(seed).integers(0, vocab, size=(n, seq), dtype=np.int64)
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamic_batch: bool = True,
+                *, dynamo: bool = True, input_name: str | None = None) -> Path:
+    """torch.onnx.export with one input/output. The dynamo exporter (default) hides LSTM W/R behind
+    Slice/Concat (ENGINE.md), which is exactly the case the ONNX quantizer must handle."""
+    path = Path(path)
+    name = input_name or ("input_ids" if example.dtype == torch.int64 else "x")
+    example = example.clone()
+    if dynamo:
+        dynamic_shapes = {name: {0: torch.export.Dim("batch", min=1, max=1024)}} if dynamic_batch else None
+        torch.onnx.export(model, (example,), str(path), input_names=[name], output_names=["output"],
+                          dynamo=True, dynamic_shapes=dynamic_shapes, external_data=False, verbose=False)
+    else:
+        axes = {name: {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+        torch.onnx.export(model, (example,), str(path), input_names=[name], output_names=["output"],
+                          dynamo=False, dynamic_axes=axes)
+    return path
+
+
+def save_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    traced = torch.jit.trace(model, (example.clone(),))
+    torch.jit.save(traced, str(path))
+    return Path(path)
+
+
+def save_torch_export(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    # A small clone(): saving a view would store its whole base tensor in the archive (ENGINE.md).
+    example = example[:2].clone()
+    dims = {next(iter(_arg_names(model))): {0: torch.export.Dim("batch", min=1, max=1024)}}
+    program = torch.export.export(model, (example,), dynamic_shapes=dims)
+    torch.export.save(program, str(path))
+    return Path(path)
+
+
+def _arg_names(model: nn.Module) -> list[str]:
+    import inspect
+
+    return list(inspect.signature(model.forward).parameters)
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(str(path), **arrays)
+    return Path(path)

@@ -1,0 +1,26 @@
+"""ModelFormat -> the module that inspects and runs that format; imported only when asked for."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from worker.engine.types import ModelFormat, UnsupportedModel
+
+_MODULES = {
+    ModelFormat.onnx: "worker.engine.formats.onnx",
+    ModelFormat.torchscript: "worker.engine.formats.torchscript",
+    ModelFormat.torch_export: "worker.engine.formats.torch_export",
+}
+
+
+def for_format(fmt: ModelFormat | str) -> ModuleType:
+    """The format module, with `inspect(path) -> ModelInfo` and `load_runner(path, threads) -> Runner`."""
+    try:
+        fmt = ModelFormat(fmt)
+    except ValueError:
+        raise UnsupportedModel(f"unknown model format {fmt!r}; known: {', '.join(ModelFormat)}") from None
+    if fmt not in _MODULES:
+        raise UnsupportedModel(f"{fmt.value} models are not supported yet; export to ONNX or torch.export")
+    # Lazy: torch is heavy and the API process must never import it.
+    return importlib.import_module(_MODULES[fmt])

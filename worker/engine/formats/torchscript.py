@@ -1,0 +1,90 @@
+"""TorchScript archives (`torch.jit.save`): inspect and run them. Legacy format; the file is code.
+
+PyTorch has no safe mode for torch.jit.load (pytorch/pytorch#143403): a TorchScript archive is a
+program. Every function here loads it, so call them only inside the worker's sandboxed child
+process (RELIABILITY.md), never in the API.
+
+TorchScript keeps argument names but no input shapes or dtypes, so inputs are reported with dtype
+"unknown" and shape []: fidelity then needs an evaluation or calibration dataset (evaluate.load_samples
+refuses to invent inputs of unknown shape).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from worker.engine.types import EngineError, ModelFormat, ModelInfo, TensorSpec
+
+if TYPE_CHECKING:
+    import torch
+
+Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+
+
+def load_module(path: Path) -> torch.jit.ScriptModule:
+    import torch
+
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # torch raises RuntimeError and friends for a malformed archive
+        raise EngineError(f"could not load the TorchScript archive: {type(exc).__name__}: {exc}") from None
+    return module.eval()
+
+
+def _schema(module: torch.jit.ScriptModule):  # noqa: ANN202 - torch._C.FunctionSchema
+    try:
+        return module.forward.schema
+    except (AttributeError, RuntimeError):
+        raise EngineError("the TorchScript module has no forward() method") from None
+
+
+def input_specs(module: torch.jit.ScriptModule) -> list[TensorSpec]:
+    args = [a for a in _schema(module).arguments if a.name != "self"]
+    return [TensorSpec(a.name, "unknown", []) for a in args]
+
+
+def output_specs(module: torch.jit.ScriptModule) -> list[TensorSpec]:
+    import torch
+
+    returns = _schema(module).returns
+    kind = returns[0].type if returns else None
+    count = len(kind.elements()) if isinstance(kind, torch.TupleType) else 1
+    if count == 1:
+        return [TensorSpec("output", "unknown", [])]
+    return [TensorSpec(f"output_{i}", "unknown", []) for i in range(count)]
+
+
+def inspect(path: Path) -> ModelInfo:
+    module = load_module(path)
+    inputs = input_specs(module)
+    if not inputs:
+        raise EngineError("the TorchScript module's forward() takes no inputs")
+    params = sum(p.numel() for p in module.parameters())
+    return ModelInfo(format=ModelFormat.torchscript, inputs=inputs, outputs=output_specs(module),
+                     num_parameters=int(params), architecture=getattr(module, "original_name", None))
+
+
+def runner_for_module(module: torch.jit.ScriptModule, input_names: list[str],
+                      threads: int | None = 1) -> Runner:
+    import torch
+    from torch.utils import _pytree as pytree
+
+    if threads:  # None leaves the process-wide setting alone
+        torch.set_num_threads(threads)
+
+    def run(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+        args = [torch.from_numpy(np.ascontiguousarray(batch[name])) for name in input_names]
+        with torch.no_grad():
+            result = module(*args)
+        return [leaf.detach().cpu().numpy() for leaf in pytree.tree_leaves(result) if isinstance(leaf, torch.Tensor)]
+
+    return run
+
+
+def load_runner(path: Path, threads: int | None = 1) -> Runner:
+    module = load_module(path)
+    return runner_for_module(module, [spec.name for spec in input_specs(module)], threads)

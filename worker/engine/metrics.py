@@ -1,0 +1,160 @@
+"""Fidelity and latency numbers (ENGINE.md definitions), in pure numpy; every value JSON-safe."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+# SQNR of identical outputs is infinite; JSON has no inf, and 150 dB is far beyond any float32 noise.
+SQNR_CAP_DB = 150.0
+
+Outputs = Sequence[Any]  # per sample: an array or a list of arrays (one per model output)
+
+
+def _flat(outs: Any) -> np.ndarray:
+    """All numbers of one sample (or of many), as one float64 vector."""
+    if isinstance(outs, np.ndarray | np.generic | int | float):
+        return np.asarray(outs, dtype=np.float64).ravel()
+    parts = [_flat(o) for o in outs]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _finite(value: float) -> float:
+    return float(np.clip(np.nan_to_num(value, nan=-SQNR_CAP_DB), -SQNR_CAP_DB, SQNR_CAP_DB))
+
+
+def sqnr_db(float_outs: Outputs, quant_outs: Outputs) -> float:
+    """10*log10(sum f^2 / sum (f-q)^2) over every output of every sample, clipped to +-150 dB."""
+    f, q = _flat(float_outs), _flat(quant_outs)
+    if f.shape != q.shape:
+        raise ValueError(f"float and quantized outputs differ in size: {f.size} vs {q.size}")
+    signal, noise = float(np.sum(f * f)), float(np.sum((f - q) ** 2))
+    if not np.isfinite(noise) or not np.isfinite(signal):
+        return -SQNR_CAP_DB  # a NaN/inf output is a collapse, not a measurement
+    if noise == 0.0:
+        return SQNR_CAP_DB
+    if signal == 0.0:
+        return -SQNR_CAP_DB
+    return _finite(10.0 * np.log10(signal / noise))
+
+
+def cosine_per_sample(float_outs: Outputs, quant_outs: Outputs) -> np.ndarray:
+    """Cosine similarity of each sample's outputs (all outputs concatenated)."""
+    values = []
+    for f_sample, q_sample in zip(float_outs, quant_outs, strict=True):
+        f, q = _flat(f_sample), _flat(q_sample)
+        nf, nq = np.linalg.norm(f), np.linalg.norm(q)
+        if not (np.isfinite(nf) and np.isfinite(nq)) or not np.all(np.isfinite(q)):
+            values.append(0.0)
+        elif nf == 0.0 and nq == 0.0:
+            values.append(1.0)  # both all-zero: identical
+        elif nf == 0.0 or nq == 0.0:
+            values.append(0.0)
+        else:
+            values.append(float(np.dot(f, q) / (nf * nq)))
+    return np.asarray(values, dtype=np.float64)
+
+
+def cosine(float_outs: Outputs, quant_outs: Outputs) -> tuple[float, float]:
+    """(mean, min) of the per-sample cosine."""
+    values = cosine_per_sample(float_outs, quant_outs)
+    if values.size == 0:
+        return 1.0, 1.0
+    return float(values.mean()), float(values.min())
+
+
+def _argmax_rows(logits: Sequence[np.ndarray]) -> np.ndarray | None:
+    """argmax over the last axis of each sample's (batch-1) output; None when not classifier-like."""
+    arrays = [np.asarray(x) for x in logits]
+    if not arrays or any(a.ndim == 0 or a.shape[-1] < 2 or a.size != a.shape[-1] for a in arrays):
+        return None  # not one score vector per sample (e.g. a sequence or image output)
+    if not all(np.issubdtype(a.dtype, np.floating) for a in arrays):
+        return None
+    return np.asarray([int(np.argmax(a.reshape(-1))) for a in arrays])
+
+
+def top1_agreement(float_logits: Sequence[np.ndarray], quant_logits: Sequence[np.ndarray]) -> float | None:
+    """Share of samples whose argmax matches; None when the output is not one score vector per sample."""
+    f, q = _argmax_rows(float_logits), _argmax_rows(quant_logits)
+    if f is None or q is None or f.size == 0:
+        return None
+    return float(np.mean(f == q))
+
+
+def accuracy_top1(logits: Sequence[np.ndarray], labels: np.ndarray) -> float | None:
+    """Share of samples whose argmax equals the label; None when not classifier-like."""
+    predicted = _argmax_rows(logits)
+    labels = np.asarray(labels).reshape(-1)
+    if predicted is None or predicted.size == 0 or predicted.size != labels.size:
+        return None
+    return float(np.mean(predicted == labels))
+
+
+def interleaved_latency(float_fn: Callable[[], Any], quant_fn: Callable[[], Any], warmup: int,
+                        runs: int) -> tuple[float, float]:
+    """Median ms per call of each function, calls alternated in one process.
+
+    Alternating (and swapping which goes first every round) spreads CPU frequency changes and
+    noisy neighbours evenly over both models, which back-to-back blocks of runs do not.
+    """
+    for _ in range(max(0, warmup)):
+        float_fn()
+        quant_fn()
+    float_ns: list[int] = []
+    quant_ns: list[int] = []
+    for i in range(max(1, runs)):
+        order = ((float_fn, float_ns), (quant_fn, quant_ns))
+        for fn, sink in order if i % 2 == 0 else order[::-1]:
+            start = time.perf_counter_ns()
+            fn()
+            sink.append(time.perf_counter_ns() - start)
+    return float(np.median(float_ns)) / 1e6, float(np.median(quant_ns)) / 1e6
+
+
+def fake_quantize_weight(w: np.ndarray, *, symmetric: bool, axis: int | None, reduce_range: bool = False
+                         ) -> np.ndarray:
+    """w after onnxruntime's int8 (symmetric) or uint8 weight quantization, per channel along axis."""
+    w = np.asarray(w, dtype=np.float64)
+    reduce_axes = None if axis is None else tuple(i for i in range(w.ndim) if i != axis % w.ndim)
+    lo = np.minimum(np.min(w, axis=reduce_axes, keepdims=True), 0.0)
+    hi = np.maximum(np.max(w, axis=reduce_axes, keepdims=True), 0.0)
+    if symmetric:
+        qmin, qmax = (-64, 63) if reduce_range else (-128, 127)
+        absmax = np.maximum(-lo, hi)
+        scale, zero = 2 * absmax / (qmax - qmin), 0.0
+    else:
+        qmin, qmax = (0, 127) if reduce_range else (0, 255)
+        scale = (hi - lo) / (qmax - qmin)
+        zero = np.round(qmin - lo / np.where(scale == 0, 1, scale))
+    scale = np.where(scale == 0, 1.0, scale)
+    return (np.clip(np.round(w / scale) + zero, qmin, qmax) - zero) * scale
+
+
+def fake_quantize_activation(x: np.ndarray) -> np.ndarray:
+    """x after DynamicQuantizeLinear: per-tensor uint8 over a range that includes zero."""
+    x = np.asarray(x, dtype=np.float64)
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / 255 or 1.0
+    zero = np.clip(np.round(-lo / scale), 0, 255)
+    return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
+
+
+def dynamic_matmul_sqnr(activations: Sequence[np.ndarray], weight: np.ndarray, *, per_channel: bool,
+                        symmetric: bool, reduce_range: bool = False) -> float:
+    """SQNR of one MatMul (x @ W, W [K, N]) under dynamic int8, each call quantized on its own.
+
+    It isolates a layer's own error (float inputs in, both quantizations applied), which is what
+    ranks layers for keeping the sensitive ones in float.
+    """
+    w_q = fake_quantize_weight(weight, symmetric=symmetric, axis=-1 if per_channel else None,
+                               reduce_range=reduce_range)
+    w = np.asarray(weight, dtype=np.float64)
+    f_outs, q_outs = [], []
+    for x in activations:
+        x = np.asarray(x, dtype=np.float64)
+        f_outs.append(x @ w)
+        q_outs.append(fake_quantize_activation(x) @ w_q)
+    return sqnr_db(f_outs, q_outs)
