@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(1.0, description="How often a running job renews its lease and checks cancel.")
     job_max_attempts: int = Field(3, description="Attempts before a job whose worker dies fails as worker_lost.")
     job_time_limit_s: float = Field(3600.0, description="Wall-clock limit of one attempt.")
-    job_memory_limit_mb: int = Field(0, description="Address-space limit of the engine process; 0 = none.")
+    job_memory_limit_mb: int = Field(0, description="Resident-memory limit of the engine process; 0 = none.")
     sweep_interval_s: float = Field(2.0, description="How often a worker re-publishes and reaps.")
     worker_concurrency: int = Field(2, description="Tasks one worker process runs at once.")
 

@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,21 +77,14 @@ class Service:
 
 
 def start_service(env: dict[str, str], data_dir: Path, logs: Path) -> Service:
-    port = free_port()
-    logs.mkdir(parents=True, exist_ok=True)
-    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--queues", "cpu,gpu",
-                               "--hostname", f"test-{port}@%h"], env=env, cwd=ROOT,
-                              stdout=open(logs / "worker.log", "wb"), stderr=subprocess.STDOUT)
-    api = subprocess.Popen([sys.executable, "-m", "app.cli", "api", "--port", str(port)], env=env, cwd=ROOT,
-                           stdout=open(logs / "api.log", "wb"), stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    wait_http(base + "/healthz", proc=api)
+    worker = start_worker(env, logs, f"worker-{uuid.uuid4().hex[:6]}")
+    api, base = start_api(env, logs)
     return Service(base, env, data_dir, api, worker, logs)
 
 
-@pytest.fixture(scope="session")
-def pg_database() -> Iterator[str]:
-    """A fresh PostgreSQL database with the migrations applied; dropped afterwards."""
+@contextmanager
+def fresh_pg_database() -> Iterator[str]:
+    """A new PostgreSQL database with the migrations applied; dropped afterwards."""
     from sqlalchemy import create_engine, text
 
     from app.migrate import upgrade
@@ -99,12 +93,45 @@ def pg_database() -> Iterator[str]:
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    upgrade(url)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+        upgrade(url)
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    with fresh_pg_database() as url:
+        yield url
+
+
+def service_env(database_url: str, broker_url: str, data_dir: Path, **overrides: str) -> dict[str, str]:
+    env = {**os.environ, "QUANTSERVE_DATABASE_URL": database_url, "QUANTSERVE_BROKER_URL": broker_url,
+           "QUANTSERVE_DATA_DIR": str(data_dir), "QUANTSERVE_HEARTBEAT_S": "0.5", "QUANTSERVE_JOB_LEASE_S": "10",
+           "QUANTSERVE_SWEEP_INTERVAL_S": "1", "QUANTSERVE_MAX_UPLOAD_BYTES": str(64 * 1024 * 1024)}
+    env.update({f"QUANTSERVE_{k.upper()}": v for k, v in overrides.items()})
+    return env
+
+
+def start_worker(env: dict[str, str], logs: Path, name: str) -> subprocess.Popen:
+    logs.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--queues", "cpu,gpu",
+                             "--hostname", f"{name}@%h"], env=env, cwd=ROOT,
+                            stdout=open(logs / f"{name}.log", "ab"), stderr=subprocess.STDOUT)
+
+
+def start_api(env: dict[str, str], logs: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    port = port or free_port()
+    logs.mkdir(parents=True, exist_ok=True)
+    api = subprocess.Popen([sys.executable, "-m", "app.cli", "api", "--port", str(port)], env=env, cwd=ROOT,
+                           stdout=open(logs / "api.log", "ab"), stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    wait_http(base + "/healthz", proc=api)
+    return api, base
 
 
 @pytest.fixture(scope="session")
@@ -115,10 +142,7 @@ def service(pg_database: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     db_index = 11
     redis.Redis.from_url(f"{REDIS_URL}/{db_index}").flushdb()
     data_dir = tmp_path_factory.mktemp("quantserve-data")
-    env = {**os.environ, "QUANTSERVE_DATABASE_URL": pg_database,
-           "QUANTSERVE_BROKER_URL": f"{REDIS_URL}/{db_index}", "QUANTSERVE_DATA_DIR": str(data_dir),
-           "QUANTSERVE_HEARTBEAT_S": "0.5", "QUANTSERVE_JOB_LEASE_S": "10", "QUANTSERVE_SWEEP_INTERVAL_S": "1",
-           "QUANTSERVE_MAX_UPLOAD_BYTES": str(64 * 1024 * 1024)}
+    env = service_env(pg_database, f"{REDIS_URL}/{db_index}", data_dir)
     svc = start_service(env, data_dir, tmp_path_factory.mktemp("logs"))
     yield svc
     stop(svc.api)

@@ -43,7 +43,7 @@ def run(request: dict[str, Any], work_dir: Path, *, on_event: Callable[[dict[str
         time_limit_s: float = 3600.0, memory_limit_mb: int = 0) -> dict[str, Any]:
     """Run one engine request; returns its result dict, or raises SandboxFailure / Stopped."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    request = {**request, "result_path": str(work_dir / "result.json"), "memory_limit_mb": memory_limit_mb}
+    request = {**request, "result_path": str(work_dir / "result.json")}
     request_path = work_dir / "request.json"
     request_path.write_text(json.dumps(request))
     stderr_path = work_dir / "stderr.log"
@@ -58,6 +58,9 @@ def run(request: dict[str, Any], work_dir: Path, *, on_event: Callable[[dict[str
             while proc.poll() is None:
                 _drain(events, on_event, timeout=0.2)
                 now = time.monotonic()
+                if memory_limit_mb and (rss := _rss_mb(proc.pid)) > memory_limit_mb:
+                    raise SandboxFailure("out_of_memory", f"the job used {rss} MB of memory, over its limit of "
+                                         f"{memory_limit_mb} MB (QUANTSERVE_JOB_MEMORY_LIMIT_MB)")
                 if now - started > time_limit_s:
                     raise SandboxFailure("timeout", f"the job ran longer than its limit of {time_limit_s:.0f} s")
                 if now - last_check >= check_every_s:
@@ -68,7 +71,7 @@ def run(request: dict[str, Any], work_dir: Path, *, on_event: Callable[[dict[str
             _kill(proc)
             raise
         _drain(events, on_event, timeout=0.5)
-    return _outcome(proc.returncode, work_dir / "result.json", stderr_path, memory_limit_mb)
+    return _outcome(proc.returncode, work_dir / "result.json", stderr_path)
 
 
 def _read_events(proc: subprocess.Popen, events: queue.Queue) -> None:
@@ -94,6 +97,17 @@ def _drain(events: queue.Queue, on_event: Callable[[dict[str, Any]], None] | Non
             return
 
 
+def _rss_mb(pid: int) -> int:
+    """Resident memory of the engine process, from /proc (0 where that is not available)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def _kill(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -102,7 +116,7 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _outcome(returncode: int, result_path: Path, stderr_path: Path, memory_limit_mb: int) -> dict[str, Any]:
+def _outcome(returncode: int, result_path: Path, stderr_path: Path) -> dict[str, Any]:
     if result_path.exists():
         outcome = json.loads(result_path.read_text())
         if outcome["ok"]:
@@ -111,6 +125,6 @@ def _outcome(returncode: int, result_path: Path, stderr_path: Path, memory_limit
         raise SandboxFailure(error["code"], error["message"], error.get("reason"))
     tail = stderr_path.read_text(errors="replace")[-2000:] if stderr_path.exists() else ""
     if returncode == -signal.SIGKILL or "MemoryError" in tail or "std::bad_alloc" in tail:
-        limit = f" of {memory_limit_mb} MB" if memory_limit_mb else ""
-        raise SandboxFailure("out_of_memory", f"the engine process ran out of memory{limit} and was stopped")
+        # Nobody here sent SIGKILL (cancel and limits raise before reaching this): the kernel's OOM killer did.
+        raise SandboxFailure("out_of_memory", "the engine process ran out of memory and was killed by the system")
     raise SandboxFailure("internal", f"the engine process exited with status {returncode}: {tail[-500:]}")

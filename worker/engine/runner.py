@@ -32,11 +32,34 @@ def _emit(event: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def _apply_limits(memory_mb: int) -> None:
+_OOM_MARKERS = ("bad_alloc", "failed to allocate memory", "can't allocate memory", "cannot allocate memory",
+                "failed to map segment", "out of memory")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """Native libraries report an exhausted address space in their own words, not as MemoryError."""
+    text = f"{exc.__class__.__name__} {exc}".lower()
+    return isinstance(exc, MemoryError) or any(marker in text for marker in _OOM_MARKERS)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL us when the supervising worker dies, so no orphan keeps computing."""
+    import ctypes
+    import os
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except OSError:  # not glibc/Linux: the lease still fences a stale result out
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _apply_limits() -> None:
+    # No core dumps of user models. Memory is guarded by the supervisor, which watches resident memory:
+    # an RLIMIT_AS cap makes torch and onnxruntime crash at import (they reserve address space they never use).
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if memory_mb > 0:
-        limit = memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def _run(request: dict[str, Any]) -> dict[str, Any]:
@@ -70,19 +93,23 @@ def _run(request: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     request = json.loads(Path(argv[1]).read_text())
     result_path = Path(request["result_path"])
-    _apply_limits(int(request.get("memory_limit_mb", 0)))
+    _die_with_parent()
+    _apply_limits()
     from worker.engine.types import EngineError
 
     try:
         outcome = {"ok": True, "result": _run(request)}
     except EngineError as exc:
-        outcome = {"ok": False, "error": public_error(exc.code, str(exc))}
-    except MemoryError:
-        outcome = {"ok": False, "error": {"code": "out_of_memory",
-                                          "message": "the model needed more memory than the job's limit"}}
-    except Exception as exc:  # a bug or an unexpected library failure: keep the trace for the operator
+        code = "out_of_memory" if exc.__cause__ is not None and _is_out_of_memory(exc.__cause__) else exc.code
+        outcome = {"ok": False, "error": public_error(code, str(exc))}
+    except Exception as exc:  # out of memory, a bug, or an unexpected library failure
         traceback.print_exc(file=sys.stderr)
-        outcome = {"ok": False, "error": {"code": "internal", "message": f"{exc.__class__.__name__}: {exc}"}}
+        if _is_out_of_memory(exc):
+            outcome = {"ok": False, "error": {
+                "code": "out_of_memory",
+                "message": f"the job needed more memory than its limit allows ({str(exc)[:200]})"}}
+        else:
+            outcome = {"ok": False, "error": {"code": "internal", "message": f"{exc.__class__.__name__}: {exc}"}}
     result_path.write_text(json.dumps(outcome, default=str))
     return 0
 
