@@ -16,6 +16,7 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in data_dir.")
     broker_url: str | None = Field(None, description="Celery broker URL; default: SQLite-backed, in data_dir.")
     max_upload_bytes: int = Field(2 * 1024**3, description="Largest model or dataset upload.")
+    max_dataset_bytes: int = Field(4 * 1024**3, description="Largest decompressed dataset (zip-bomb guard).")
     max_json_bytes: int = Field(1024**2, description="Largest JSON request body.")
     job_lease_s: float = Field(30.0, description="A running job without a heartbeat this long is requeued.")
     heartbeat_s: float = Field(1.0, description="How often a running job renews its lease and checks cancel.")

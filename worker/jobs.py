@@ -64,7 +64,7 @@ def validate_dataset(rt: Runtime, dataset_id: uuid.UUID) -> None:
         if dataset is None or dataset.status != "validating":
             return
         request = {"op": "inspect_dataset", "path": str(rt.storage.local_path(dataset.storage_key)),
-                   "kind": dataset.kind}
+                   "kind": dataset.kind, "max_bytes": rt.settings.max_dataset_bytes}
     _validate(rt, Dataset, dataset_id, request, "dataset")
 
 

@@ -66,11 +66,15 @@ def inspect_model(path: Path, fmt: ModelFormat) -> ModelInfo:
     return loaders.for_format(fmt).inspect(Path(path))
 
 
-def inspect_dataset(path: Path, kind: DatasetKind) -> DatasetInfo:
-    """Validate an uploaded dataset without unpickling anything. Raises EngineError if invalid."""
+def inspect_dataset(path: Path, kind: DatasetKind, *, max_bytes: int | None = None) -> DatasetInfo:
+    """Validate an uploaded dataset without unpickling anything. Raises EngineError if invalid.
+
+    max_bytes caps the decompressed size (zip bombs); None keeps the module's default."""
     from worker.engine.formats import datasets
 
-    return datasets.inspect(Path(path), DatasetKind(kind))
+    if max_bytes is None:
+        return datasets.inspect(Path(path), DatasetKind(kind))
+    return datasets.inspect(Path(path), DatasetKind(kind), max_bytes=max_bytes)
 
 
 def quantize(

@@ -71,7 +71,7 @@ def _run(request: dict[str, Any]) -> dict[str, Any]:
         return {"inputs": [t.to_dict() for t in info.inputs], "outputs": [t.to_dict() for t in info.outputs],
                 "num_parameters": info.num_parameters, "architecture": info.architecture}
     if op == "inspect_dataset":
-        ds = engine.inspect_dataset(Path(request["path"]), request["kind"])
+        ds = engine.inspect_dataset(Path(request["path"]), request["kind"], max_bytes=request.get("max_bytes"))
         return {"num_samples": ds.num_samples, "has_labels": ds.has_labels,
                 "arrays": {k: {"dtype": a.dtype, "shape": list(a.shape)} for k, a in ds.arrays.items()}}
     if op == "quantize":
