@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     job_time_limit_s: float = Field(3600.0, description="Wall-clock limit of one attempt.")
     job_memory_limit_mb: int = Field(0, description="Resident-memory limit of the engine process; 0 = none.")
     sweep_interval_s: float = Field(2.0, description="How often a worker re-publishes and reaps.")
+    redispatch_after_s: float = Field(300.0, description="A job queued this long is published again.")
     worker_concurrency: int = Field(2, description="Tasks one worker process runs at once.")
 
     @cached_property

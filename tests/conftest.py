@@ -112,7 +112,8 @@ def pg_database() -> Iterator[str]:
 def service_env(database_url: str, broker_url: str, data_dir: Path, **overrides: str) -> dict[str, str]:
     env = {**os.environ, "QUANTSERVE_DATABASE_URL": database_url, "QUANTSERVE_BROKER_URL": broker_url,
            "QUANTSERVE_DATA_DIR": str(data_dir), "QUANTSERVE_HEARTBEAT_S": "0.5", "QUANTSERVE_JOB_LEASE_S": "10",
-           "QUANTSERVE_SWEEP_INTERVAL_S": "1", "QUANTSERVE_MAX_UPLOAD_BYTES": str(64 * 1024 * 1024),
+           "QUANTSERVE_SWEEP_INTERVAL_S": "1", "QUANTSERVE_REDISPATCH_AFTER_S": "5",
+           "QUANTSERVE_MAX_UPLOAD_BYTES": str(64 * 1024 * 1024),
            "QUANTSERVE_MAX_DATASET_BYTES": str(128 * 1024 * 1024)}
     env.update({f"QUANTSERVE_{k.upper()}": v for k, v in overrides.items()})
     return env

@@ -163,3 +163,18 @@ def reap(factory: sessionmaker[Session]) -> int:
     if reaped:
         log.warning("reaped %d job(s) with expired leases", reaped)
     return reaped
+
+
+def redispatch_stale(factory: sessionmaker[Session], after_s: float) -> int:
+    """Publish again any job still queued after `after_s` with nothing in the outbox: its message was lost
+    (a Redis restart without persistence, a purged queue). A surplus copy finds nothing to claim."""
+    with transaction(factory) as session:
+        cutoff = utcnow() - timedelta(seconds=after_s)
+        stale = session.execute(select(Job.id, Job.device).where(Job.status == "queued", Job.updated_at < cutoff)
+                                .limit(100)).all()
+        for job_id, device in stale:
+            session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(updated_at=utcnow()))
+            enqueue(session, task_names.RUN_JOB, [str(job_id)], task_names.QUEUE_FOR_DEVICE[device])
+    if stale:
+        log.warning("re-published %d job(s) queued for more than %.0f s", len(stale), after_s)
+    return len(stale)

@@ -39,6 +39,7 @@ def _sweep_forever() -> None:
         try:
             rt.relay.sweep()
             lifecycle.reap(rt.session_factory)
+            lifecycle.redispatch_stale(rt.session_factory, rt.settings.redispatch_after_s)
         except Exception:  # the database or broker is down: try again next round
             log.exception("sweep failed")
         time.sleep(rt.settings.sweep_interval_s)

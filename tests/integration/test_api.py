@@ -239,3 +239,25 @@ def test_delete_model_in_use_is_409_then_204(service: Service, tmp_path: Path) -
         os.kill(service.worker.pid, signal.SIGCONT)
     assert client.delete(f"/v1/models/{model['id']}").status_code == 204
     _problem(client.get(f"/v1/models/{model['id']}"), 404, "not_found")
+
+
+def test_fifty_concurrent_posts_with_one_idempotency_key_make_one_job(service: Service, ready: dict) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = f"race-{time.time_ns()}"
+    body = {"model_id": ready["model"]["id"], "method": "dynamic", "name": key}
+
+    def post(_: int) -> tuple[int, str]:
+        with service.client() as client:
+            response = submit(client, body, **{"Idempotency-Key": key})
+            return response.status_code, response.json().get("id", response.text)
+
+    with ThreadPoolExecutor(max_workers=25) as pool:
+        results = list(pool.map(post, range(50)))
+    assert {status for status, _ in results} <= {200, 202}, results
+    assert sum(status == 202 for status, _ in results) == 1
+    assert len({job_id for _, job_id in results}) == 1
+    client = service.client()
+    jobs = [j for j in client.get("/v1/jobs", params={"limit": 200}).json()["items"] if j["name"] == key]
+    assert len(jobs) == 1
+    wait_for(client, f"/v1/jobs/{jobs[0]['id']}", until=("succeeded", "failed"))

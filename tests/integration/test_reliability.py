@@ -210,3 +210,21 @@ def test_time_and_memory_limits_end_as_timeout_and_out_of_memory(database: str, 
         stop(svc.api)
         stop(worker)
         os.environ.pop("QUANTSERVE_JOB_MEMORY_LIMIT_MB", None)
+
+
+def test_queued_job_whose_message_was_lost_is_published_again(service: Service, tmp_path: Path) -> None:
+    import redis
+
+    client = service.client()
+    _, _, x, _ = models.digits_data()
+    model = upload_model(client, models.export_onnx(models.train_digits_mlp(), torch.from_numpy(x[:2]),
+                                                    tmp_path / "m.onnx"))
+    os.kill(service.worker.pid, signal.SIGSTOP)
+    try:
+        job = submit(client, {"model_id": model["id"], "method": "dynamic", "name": "lost-message"}).json()
+        time.sleep(0.5)
+        redis.Redis.from_url(service.env["QUANTSERVE_BROKER_URL"]).flushdb()  # the broker forgets it
+    finally:
+        os.kill(service.worker.pid, signal.SIGCONT)
+    done = wait_for(client, f"/v1/jobs/{job['id']}", until=("succeeded", "failed"), timeout=120)
+    assert done["status"] == "succeeded" and done["attempts"] == 1
