@@ -34,34 +34,37 @@ class BodyLimitAndCounters:
         path, method = scope["path"], scope["method"]
         is_upload = path.endswith("/upload") or (method == "POST" and path in ("/v1/models", "/v1/datasets"))
         scope.setdefault("state", {})["request_id"] = uuid.uuid4().hex
-        seen = 0
-        status_holder = {"status": 500}
+        state = {"status": 500, "seen": 0, "too_large": False, "replaced": False}
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if not is_upload and declared.isdigit() and int(declared) > self.max_json_bytes:
+            self.counts[(method, 413)] += 1
+            return await _send_413(send, self.max_json_bytes, path)
 
         async def limited_receive() -> Message:
-            nonlocal seen
             message = await receive()
             if message["type"] == "http.request" and not is_upload:
-                seen += len(message.get("body", b""))
-                if seen > self.max_json_bytes:
-                    raise _BodyTooLarge
+                state["seen"] += len(message.get("body", b""))
+                if state["seen"] > self.max_json_bytes:
+                    # Stop reading. The NUL makes the cut body invalid JSON, so nothing acts on it, and
+                    # whatever the app answers is replaced by a 413 below.
+                    state["too_large"] = True
+                    return {"type": "http.request", "body": b"\x00", "more_body": False}
             return message
 
-        async def counting_send(message: Message) -> None:
+        async def guarded_send(message: Message) -> None:
+            if state["too_large"]:
+                if not state["replaced"]:
+                    state["replaced"], state["status"] = True, 413
+                    await _send_413(send, self.max_json_bytes, path)
+                return
             if message["type"] == "http.response.start":
-                status_holder["status"] = message["status"]
+                state["status"] = message["status"]
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, counting_send)
-        except _BodyTooLarge:
-            await _send_413(send, self.max_json_bytes, path)
-            status_holder["status"] = 413
+            await self.app(scope, limited_receive, guarded_send)
         finally:
-            self.counts[(method, status_holder["status"])] += 1
-
-
-class _BodyTooLarge(Exception):
-    pass
+            self.counts[(method, state["status"])] += 1
 
 
 async def _send_413(send: Send, limit: int, path: str) -> None:

@@ -109,6 +109,12 @@ def _check_datasets(session: Session, tenant_id: uuid.UUID, body: JobCreate, spe
     if spec.needs_training and body.training_dataset_id is None:
         raise ValidationFailed(f"{spec.method.value} needs training_dataset_id",
                                errors=[{"loc": ["body", "training_dataset_id"], "msg": "required"}])
+    signature_unknown = any(i["dtype"] in ("unknown", "") or not i["shape"] for i in model.inputs or [])
+    if signature_unknown and not (body.evaluation_dataset_id or body.calibration_dataset_id):
+        raise ValidationFailed(
+            f"this {model.format} model does not record its input shapes, so quantserve cannot generate test "
+            "inputs to measure it: give evaluation_dataset_id (or calibration_dataset_id)",
+            errors=[{"loc": ["body", "evaluation_dataset_id"], "msg": "required: the model has no input shapes"}])
     found: dict[str, Dataset | None] = {}
     for field in DATASET_FIELDS:
         dataset_id = getattr(body, field)

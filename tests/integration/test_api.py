@@ -261,3 +261,24 @@ def test_fifty_concurrent_posts_with_one_idempotency_key_make_one_job(service: S
     jobs = [j for j in client.get("/v1/jobs", params={"limit": 200}).json()["items"] if j["name"] == key]
     assert len(jobs) == 1
     wait_for(client, f"/v1/jobs/{jobs[0]['id']}", until=("succeeded", "failed"))
+
+
+def test_oversize_json_body_is_413(service: Service, ready: dict) -> None:
+    huge = {"model_id": ready["model"]["id"], "method": "dynamic", "labels": {"pad": "x" * (2 * 1024 * 1024)}}
+    client = service.client()
+    _problem(submit(client, huge), 413, "too_large")  # declared Content-Length
+    import json
+
+    payload = json.dumps(huge).encode()
+    chunked = client.post("/v1/jobs", content=(payload[i:i + 65536] for i in range(0, len(payload), 65536)),
+                          headers={"content-type": "application/json"})
+    _problem(chunked, 413, "too_large")
+
+
+def test_torchscript_without_any_dataset_is_422_naming_evaluation_dataset(service: Service, tmp_path: Path) -> None:
+    client = service.client()
+    path = models.save_torchscript(models.train_digits_mlp(), torch.zeros(2, 1, 8, 8), tmp_path / "m.pt")
+    model = upload_model(client, path)
+    assert model["status"] == "ready" and model["format"] == "torchscript"
+    problem = _problem(submit(client, {"model_id": model["id"], "method": "dynamic"}), 422, "validation_error")
+    assert ["body", "evaluation_dataset_id"] in [e["loc"] for e in problem["errors"]]
