@@ -1,4 +1,4 @@
-"""quantserve serve | api | worker | migrate | keys — one command line for every process."""
+"""quantserve serve | api | worker | migrate | keys | quantize: one command line for every process."""
 
 from __future__ import annotations
 
@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--hostname", default="")
     worker.add_argument("--loglevel", default="info")
     worker.set_defaults(func=cmd_worker)
+
+    from app import quantize_cli
+
+    quantize_cli.add_parser(sub)
 
     with_data_dir(sub.add_parser("migrate", help="apply database migrations")).set_defaults(func=cmd_migrate)
 

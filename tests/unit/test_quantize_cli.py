@@ -1,0 +1,43 @@
+"""`quantserve quantize` runs the engine on a local file and writes the artifact and report.json."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from tests import models
+
+
+def _cli(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "app.cli", "quantize", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_quantize_cli_writes_artifact_and_report(tmp_path: Path) -> None:
+    _, _, x, y = models.digits_data()
+    model = models.export_onnx(models.train_digits_mlp(), torch.from_numpy(x[:2]), tmp_path / "mlp.onnx")
+    evaluation = models.save_npz(tmp_path / "eval.npz", x=x[:100], labels=y[:100])
+    run = _cli(model, "--method", "dynamic", "--evaluation", evaluation, "-o", tmp_path / "out")
+    assert run.returncode == 0, run.stderr
+    artifact, report_path = (Path(line) for line in run.stdout.split())
+    report = json.loads(report_path.read_text())
+    assert report["metrics"]["fidelity"]["source"] == "evaluation"
+    assert report["metrics"]["size"]["ratio"] <= 0.30
+    out = ort.InferenceSession(str(artifact)).run(None, {"x": x[:10]})[0]
+    assert np.mean(out.argmax(1) == y[:10]) >= 0.7
+    assert "size" in run.stderr and "latency" in run.stderr
+
+
+def test_quantize_cli_refuses_a_pickle_with_a_clear_message(tmp_path: Path) -> None:
+    (tmp_path / "model.pt").write_bytes(pickle.dumps({"w": 1}))
+    run = _cli(tmp_path / "model.pt", "--method", "dynamic", "-o", tmp_path / "out")
+    assert run.returncode == 2 and "pickle" in run.stderr
+    run = _cli(tmp_path / "model.pt", "--method", "dynamic", "--config", "{bad", "-o", tmp_path / "out")
+    assert run.returncode == 2
