@@ -71,7 +71,7 @@ def main() -> int:
         kills = Counter()
 
         def killer() -> None:
-            while not stop_chaos.wait(rng.uniform(3, 8)):
+            while not stop_chaos.wait(rng.uniform(5, 15)):
                 i = rng.randrange(len(workers))
                 workers[i].kill()
                 workers[i].wait()

@@ -1,11 +1,15 @@
-"""Models and datasets: the two upload routes, list, get, delete, download; HTTP only."""
+"""Models and datasets: the two upload routes, list, get, delete (and a model's download); HTTP only.
 
-from __future__ import annotations
+Both resources behave alike, so one factory builds both routers; only the row type, the schema, the
+service function and the name of the override field ("format" or "kind") differ.
+"""
+
 
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from app.deps import SessionDep, SettingsDep, StorageDep, TenantDep
@@ -22,86 +26,84 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for code, d in ((400, "Malformed"), (401, "No key"), (404, "Not found"), (409, "In use"),
                     (413, "Too large"), (415, "Unsupported format"), (422, "Invalid"))
 }
-
-models_router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERRORS)
-datasets_router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERRORS)
-
 Limit = Annotated[int, Query(ge=1, le=200)]
+DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/octet-stream": {}}}, 206: {"description": "Partial"},
+    304: {"description": "Not modified"}, 416: {"description": "Bad range"}}
 
 
-async def _receive(request: Request, settings, storage, raw: bool, create) -> Any:
-    check_declared_length(request, settings.max_upload_bytes)
-    with pending_upload(storage, settings.max_upload_bytes) as pending:
-        if raw:
-            fields, filename = {}, None
-            await receive_raw(request, pending)
-        else:
-            fields, filename = await receive_multipart(request, pending)
-        pending.close()  # flush: format detection reads the file from disk
-        return create(pending, fields, filename)
+def _body_doc(content_type: str, override: str) -> dict[str, Any]:
+    if content_type == "multipart/form-data":
+        schema = {"type": "object", "required": ["file"], "properties": {
+            "file": {"type": "string", "format": "binary"}, "name": {"type": "string"}, override: {"type": "string"}}}
+    else:
+        schema = {"type": "string", "format": "binary"}
+    return {"requestBody": {"content": {content_type: {"schema": schema}}, "required": True}}
 
 
-def _created(response: Response, path: str) -> None:
-    response.status_code = 201
-    response.headers["Location"] = path
+def build_router(noun: str, row_type: type[Model] | type[Dataset], public: type, override: str,
+                 create: Callable[..., Any]) -> APIRouter:
+    router = APIRouter(prefix=f"/v1/{noun}s", tags=[f"{noun}s"], responses=ERRORS)
+
+    async def receive_and_create(request: Request, response: Response, session, tenant_id, settings, storage, *,
+                                 raw: bool, name: str | None = None, declared: str | None = None) -> Any:
+        check_declared_length(request, settings.max_upload_bytes)
+        with pending_upload(storage, settings.max_upload_bytes) as pending:
+            if raw:
+                fields, filename = {}, None
+                await receive_raw(request, pending)
+            else:
+                fields, filename = await receive_multipart(request, pending)
+                name, declared = fields.get("name"), fields.get(override)
+            pending.close()  # flush: format detection reads the file from disk
+            row = create(session, storage, tenant_id, pending, name=name, filename=filename, declared=declared)
+        response.headers["Location"] = f"/v1/{noun}s/{row.id}"
+        return row
+
+    @router.post("", status_code=201, response_model=public, summary=f"Upload a {noun} (multipart)",
+                 openapi_extra=_body_doc("multipart/form-data", override), name=f"upload_{noun}_multipart")
+    async def upload_multipart(request: Request, response: Response, session: SessionDep, tenant_id: TenantDep,
+                               settings: SettingsDep, storage: StorageDep) -> Any:
+        return await receive_and_create(request, response, session, tenant_id, settings, storage, raw=False)
+
+    @router.put("/upload", status_code=201, response_model=public, summary=f"Upload a {noun} (raw body)",
+                openapi_extra=_body_doc("application/octet-stream", override), name=f"upload_{noun}_raw")
+    async def upload_raw(request: Request, response: Response, session: SessionDep, tenant_id: TenantDep,
+                         settings: SettingsDep, storage: StorageDep,
+                         name: Annotated[str | None, Query(max_length=200)] = None,
+                         declared: Annotated[str | None, Query(alias=override, max_length=32)] = None) -> Any:
+        return await receive_and_create(request, response, session, tenant_id, settings, storage, raw=True,
+                                        name=name, declared=declared)
+
+    @router.get("", response_model=Page[public], name=f"list_{noun}s")
+    def list_rows(session: SessionDep, tenant_id: TenantDep, limit: Limit = 50, cursor: str | None = None) -> Any:
+        items, next_cursor = paginate(session, tenant_select(row_type, tenant_id), row_type, limit=limit,
+                                      cursor=cursor)
+        return {"items": items, "next_cursor": next_cursor}
+
+    RowId = Annotated[uuid.UUID, Path(alias=f"{noun}_id")]
+
+    @router.get(f"/{{{noun}_id}}", response_model=public, name=f"get_{noun}")
+    def get_row(row_id: RowId, session: SessionDep, tenant_id: TenantDep) -> Any:
+        return tenant_get(session, row_type, tenant_id, row_id, what=noun)
+
+    @router.delete(f"/{{{noun}_id}}", status_code=204, name=f"delete_{noun}")
+    def delete_row(row_id: RowId, session: SessionDep, tenant_id: TenantDep, storage: StorageDep) -> Response:
+        row = tenant_get(session, row_type, tenant_id, row_id, what=noun, for_update=True)
+        uploads.ensure_unused(session, row)
+        session.delete(row)
+        session.flush()
+        storage.delete(row.storage_key)
+        return Response(status_code=204)
+
+    return router
 
 
-@models_router.post("", status_code=201, response_model=ModelPublic, summary="Upload a model (multipart)",
-                    openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": {
-                        "type": "object", "required": ["file"], "properties": {
-                            "file": {"type": "string", "format": "binary"}, "name": {"type": "string"},
-                            "format": {"type": "string"}}}}}, "required": True}})
-async def upload_model_multipart(request: Request, response: Response, session: SessionDep,
-                                 tenant_id: TenantDep, settings: SettingsDep, storage: StorageDep) -> Model:
-    def create(pending, fields, filename):
-        return uploads.create_model(session, storage, tenant_id, pending, name=fields.get("name"),
-                                    filename=filename, declared_format=fields.get("format"))
-
-    model = await _receive(request, settings, storage, False, create)
-    _created(response, f"/v1/models/{model.id}")
-    return model
+models_router = build_router("model", Model, ModelPublic, "format", uploads.create_model)
+datasets_router = build_router("dataset", Dataset, DatasetPublic, "kind", uploads.create_dataset)
 
 
-@models_router.put("/upload", status_code=201, response_model=ModelPublic, summary="Upload a model (raw body)",
-                   openapi_extra={"requestBody": {"content": {"application/octet-stream": {"schema": {
-                       "type": "string", "format": "binary"}}}, "required": True}})
-async def upload_model_raw(request: Request, response: Response, session: SessionDep, tenant_id: TenantDep,
-                           settings: SettingsDep, storage: StorageDep,
-                           name: Annotated[str | None, Query(max_length=200)] = None,
-                           format: Annotated[str | None, Query(max_length=32)] = None) -> Model:
-    def create(pending, fields, filename):
-        return uploads.create_model(session, storage, tenant_id, pending, name=name, filename=None,
-                                    declared_format=format)
-
-    model = await _receive(request, settings, storage, True, create)
-    _created(response, f"/v1/models/{model.id}")
-    return model
-
-
-@models_router.get("", response_model=Page[ModelPublic])
-def list_models(session: SessionDep, tenant_id: TenantDep, limit: Limit = 50, cursor: str | None = None) -> Any:
-    items, next_cursor = paginate(session, tenant_select(Model, tenant_id), Model, limit=limit, cursor=cursor)
-    return {"items": items, "next_cursor": next_cursor}
-
-
-@models_router.get("/{model_id}", response_model=ModelPublic)
-def get_model(model_id: uuid.UUID, session: SessionDep, tenant_id: TenantDep) -> Model:
-    return tenant_get(session, Model, tenant_id, model_id, what="model")
-
-
-@models_router.delete("/{model_id}", status_code=204)
-def delete_model(model_id: uuid.UUID, session: SessionDep, tenant_id: TenantDep, storage: StorageDep) -> Response:
-    model = tenant_get(session, Model, tenant_id, model_id, what="model", for_update=True)
-    uploads.ensure_unused(session, model)
-    session.delete(model)
-    session.flush()
-    storage.delete(model.storage_key)
-    return Response(status_code=204)
-
-
-@models_router.get("/{model_id}/download", response_class=StreamingResponse,
-                   responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "Partial"},
-                              304: {"description": "Not modified"}, 416: {"description": "Bad range"}})
+@models_router.get("/{model_id}/download", response_class=StreamingResponse, responses=DOWNLOAD_RESPONSES)
 def download_model(model_id: uuid.UUID, request: Request, session: SessionDep, tenant_id: TenantDep,
                    storage: StorageDep) -> Response:
     model = tenant_get(session, Model, tenant_id, model_id, what="model")
@@ -109,59 +111,3 @@ def download_model(model_id: uuid.UUID, request: Request, session: SessionDep, t
     filename = model.name if model.name.endswith(suffix) else model.name + suffix
     return file_response(request, storage, model.storage_key, size=model.size_bytes, sha256=model.sha256,
                          filename=filename)
-
-
-@datasets_router.post("", status_code=201, response_model=DatasetPublic, summary="Upload a dataset (multipart)",
-                      openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": {
-                          "type": "object", "required": ["file"], "properties": {
-                              "file": {"type": "string", "format": "binary"}, "name": {"type": "string"},
-                              "kind": {"type": "string"}}}}}, "required": True}})
-async def upload_dataset_multipart(request: Request, response: Response, session: SessionDep,
-                                   tenant_id: TenantDep, settings: SettingsDep, storage: StorageDep) -> Dataset:
-    def create(pending, fields, filename):
-        return uploads.create_dataset(session, storage, tenant_id, pending, name=fields.get("name"),
-                                      filename=filename, declared_kind=fields.get("kind"))
-
-    dataset = await _receive(request, settings, storage, False, create)
-    _created(response, f"/v1/datasets/{dataset.id}")
-    return dataset
-
-
-@datasets_router.put("/upload", status_code=201, response_model=DatasetPublic,
-                     summary="Upload a dataset (raw body)",
-                     openapi_extra={"requestBody": {"content": {"application/octet-stream": {"schema": {
-                         "type": "string", "format": "binary"}}}, "required": True}})
-async def upload_dataset_raw(request: Request, response: Response, session: SessionDep, tenant_id: TenantDep,
-                             settings: SettingsDep, storage: StorageDep,
-                             name: Annotated[str | None, Query(max_length=200)] = None,
-                             kind: Annotated[str | None, Query(max_length=16)] = None) -> Dataset:
-    def create(pending, fields, filename):
-        return uploads.create_dataset(session, storage, tenant_id, pending, name=name, filename=None,
-                                      declared_kind=kind)
-
-    dataset = await _receive(request, settings, storage, True, create)
-    _created(response, f"/v1/datasets/{dataset.id}")
-    return dataset
-
-
-@datasets_router.get("", response_model=Page[DatasetPublic])
-def list_datasets(session: SessionDep, tenant_id: TenantDep, limit: Limit = 50, cursor: str | None = None) -> Any:
-    items, next_cursor = paginate(session, tenant_select(Dataset, tenant_id), Dataset, limit=limit, cursor=cursor)
-    return {"items": items, "next_cursor": next_cursor}
-
-
-@datasets_router.get("/{dataset_id}", response_model=DatasetPublic)
-def get_dataset(dataset_id: uuid.UUID, session: SessionDep, tenant_id: TenantDep) -> Dataset:
-    return tenant_get(session, Dataset, tenant_id, dataset_id, what="dataset")
-
-
-@datasets_router.delete("/{dataset_id}", status_code=204)
-def delete_dataset(dataset_id: uuid.UUID, session: SessionDep, tenant_id: TenantDep,
-                   storage: StorageDep) -> Response:
-    dataset = tenant_get(session, Dataset, tenant_id, dataset_id, what="dataset", for_update=True)
-    uploads.ensure_unused(session, dataset)
-    session.delete(dataset)
-    session.flush()
-    storage.delete(dataset.storage_key)
-    return Response(status_code=204)
-

@@ -19,6 +19,7 @@ from app.models import Artifact, Dataset, Job, JobLog, Model, utcnow
 from app.schemas import JobCreate
 from app.services.common import tenant_get, tenant_select
 from worker import task_names
+from worker.engine.config import MethodConfig
 from worker.engine.registry import MethodSpec, UnsupportedMethod, resolve
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -45,10 +46,11 @@ def submit(session: Session, tenant_id: uuid.UUID, body: JobCreate, *, max_attem
     if model.status != "ready":
         raise ModelNotReady(f"model {model.id} is {model.status}; wait until it is ready",
                             errors=[{"loc": ["body", "model_id"], "msg": f"model is {model.status}"}])
-    datasets = _check_datasets(session, tenant_id, body, spec, model)
+    datasets = _check_datasets(session, tenant_id, body, spec, model, config.required_datasets())
 
     job = Job(id=uuid7(), tenant_id=tenant_id, model_id=model.id, method=spec.method.value, device=body.device,
-              config=config, name=body.name, labels=body.labels, idempotency_key=idempotency_key,
+              config=config.model_dump(mode="json"), name=body.name, labels=body.labels,
+              idempotency_key=idempotency_key,
               request_hash=digest, max_attempts=max_attempts, status="queued", progress=0.0,
               **{f: (d.id if d else None) for f, d in datasets.items()})
     try:
@@ -92,19 +94,24 @@ def _resolve_spec(model: Model, body: JobCreate) -> MethodSpec:
     return spec
 
 
-def _effective_config(spec: MethodSpec, raw: dict[str, Any]) -> dict[str, Any]:
+def _effective_config(spec: MethodSpec, raw: dict[str, Any]) -> MethodConfig:
     try:
-        return spec.config_model.model_validate(raw).model_dump(mode="json")
+        config = spec.config_model.model_validate(raw)
     except ValidationError as exc:
         errors = [{"loc": ["body", "config", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]
         detail = "; ".join(f"config.{'.'.join(str(p) for p in e['loc'][2:])}: {e['msg']}" for e in errors)
         raise ValidationFailed(detail, errors=errors) from None
+    problems = spec.config_problems(config)
+    if problems:
+        raise ValidationFailed("; ".join(f"config.{field}: {why}" for field, why in problems),
+                               errors=[{"loc": ["body", "config", field], "msg": why} for field, why in problems])
+    return config
 
 
 def _check_datasets(session: Session, tenant_id: uuid.UUID, body: JobCreate, spec: MethodSpec,
-                    model: Model) -> dict[str, Dataset | None]:
-    if spec.needs_calibration and body.calibration_dataset_id is None:
-        raise ValidationFailed(f"{spec.method.value} needs calibration_dataset_id",
+                    model: Model, required: set[str]) -> dict[str, Dataset | None]:
+    if (spec.needs_calibration or "calibration" in required) and body.calibration_dataset_id is None:
+        raise ValidationFailed(f"{spec.method.value} with these options needs calibration_dataset_id",
                                errors=[{"loc": ["body", "calibration_dataset_id"], "msg": "required"}])
     if spec.needs_training and body.training_dataset_id is None:
         raise ValidationFailed(f"{spec.method.value} needs training_dataset_id",

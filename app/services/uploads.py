@@ -25,20 +25,20 @@ def _default_name(filename: str | None, fallback: str) -> str:
 
 
 def create_model(session: Session, storage: LocalStorage, tenant_id: uuid.UUID, pending: PendingFile, *,
-                 name: str | None, filename: str | None, declared_format: str | None) -> Model:
+                 name: str | None, filename: str | None, declared: str | None) -> Model:
     try:
         detected = detect_model_format(pending.path)
     except UnknownFormat as exc:
         raise UnsupportedFormat(str(exc)) from None
-    if declared_format:
+    if declared:
         try:
-            declared = ModelFormat(declared_format)
+            declared_format = ModelFormat(declared)
         except ValueError:
             raise ValidationFailed(
                 f"format must be one of {', '.join(f.value for f in ModelFormat)}",
                 errors=[{"loc": ["query", "format"], "msg": "unknown format"}]) from None
-        if declared != detected:
-            raise UnsupportedFormat(f"the bytes are a {detected.value} model, not {declared.value}")
+        if declared_format != detected:
+            raise UnsupportedFormat(f"the bytes are a {detected.value} model, not {declared_format.value}")
     model_id = uuid7()
     model = Model(id=model_id, tenant_id=tenant_id, name=name or _default_name(filename, "model"),
                   format=detected.value, size_bytes=pending.size, sha256=pending.sha256,
@@ -51,13 +51,13 @@ def create_model(session: Session, storage: LocalStorage, tenant_id: uuid.UUID, 
 
 
 def create_dataset(session: Session, storage: LocalStorage, tenant_id: uuid.UUID, pending: PendingFile, *,
-                   name: str | None, filename: str | None, declared_kind: str | None) -> Dataset:
+                   name: str | None, filename: str | None, declared: str | None) -> Dataset:
     try:
         kind = detect_dataset_kind(pending.path)
     except UnknownFormat as exc:
         raise UnsupportedFormat(str(exc)) from None
-    if declared_kind and declared_kind != kind.value:
-        raise UnsupportedFormat(f"the bytes are a {kind.value} dataset, not {declared_kind}")
+    if declared and declared != kind.value:
+        raise UnsupportedFormat(f"the bytes are a {kind.value} dataset, not {declared}")
     dataset_id = uuid7()
     dataset = Dataset(id=dataset_id, tenant_id=tenant_id, name=name or _default_name(filename, "dataset"),
                       kind=kind.value, size_bytes=pending.size, sha256=pending.sha256,

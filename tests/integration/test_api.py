@@ -100,7 +100,8 @@ def test_unknown_bytes_are_415(service: Service, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("change,status,code,loc", [
     ({"method": "magic"}, 422, "unsupported_method", ["body", "method"]),
-    ({"method": "static"}, 422, "unsupported_method", ["body", "method"]),
+    ({"method": "qat"}, 422, "unsupported_method", ["body", "method"]),
+    ({"method": "static"}, 422, "validation_error", ["body", "calibration_dataset_id"]),
     ({"config": {"granularity": "per_banana"}}, 422, "validation_error", ["body", "config", "granularity"]),
     ({"config": {"bogus": 1}}, 422, "validation_error", ["body", "config", "bogus"]),
     ({"config": {"exclude": ["("]}}, 422, "validation_error", ["body", "config", "exclude"]),

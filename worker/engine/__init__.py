@@ -96,6 +96,9 @@ def quantize(
     spec = resolve(str(fmt), str(method))
     if not isinstance(config, MethodConfig):
         config = spec.config_model.model_validate(config or {})
+    problems = spec.config_problems(config)
+    if problems:
+        raise EngineError("; ".join(f"config.{field}: {why}" for field, why in problems), code="unsupported")
     if Device(device) not in spec.devices:
         raise UnsupportedMethod(str(fmt), f"{method} on {device}")
     work_dir = Path(work_dir)

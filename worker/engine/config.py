@@ -25,6 +25,13 @@ class MethodConfig(BaseModel):
                 raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from exc
         return value
 
+    def required_datasets(self) -> set[str]:
+        """Dataset roles ("calibration", "training") this config cannot run without, beyond the method's own.
+
+        The API refuses a job that lacks one with a 422 before anything is queued.
+        """
+        return set()
+
 
 class DynamicConfig(MethodConfig):
     """Dynamic int8: weights int8 ahead of time, activations quantized per call."""
@@ -55,6 +62,18 @@ class StaticConfig(MethodConfig):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
 
 
+WEIGHT_BITS_DESCRIPTION = (
+    "8, or 4: weights rounded to 16 levels (-8..7) per scale, still stored and run as int8 (no smaller or "
+    "faster than 8); for low-bit accuracy studies and for QAT to recover what 4-bit rounding loses."
+)
+
+
+class TorchExportStaticConfig(StaticConfig):
+    """Static PTQ of a torch.export program (PT2E), which can also limit weights to 4 bits."""
+
+    weight_bits: Literal[8, 4] = Field(8, description=WEIGHT_BITS_DESCRIPTION)
+
+
 class QATConfig(StaticConfig):
     """Quantization-aware fine-tuning, then static conversion."""
 
@@ -64,6 +83,7 @@ class QATConfig(StaticConfig):
     loss: Literal["distillation", "cross_entropy", "mse"] = Field(
         "distillation", description="distillation matches the float model's outputs; needs no labels."
     )
+    weight_bits: Literal[8, 4] = Field(8, description=WEIGHT_BITS_DESCRIPTION)
 
 
 class WeightOnlyConfig(MethodConfig):
@@ -76,3 +96,7 @@ class WeightOnlyConfig(MethodConfig):
     algorithm: Literal["rtn", "gptq", "awq", "hqq"] = Field(
         "rtn", description="gptq/awq need a calibration dataset; hqq is data-free."
     )
+
+    def required_datasets(self) -> set[str]:
+        # gptq and awq fit the rounding to activations, so they cannot run without calibration samples
+        return {"calibration"} if self.algorithm in ("gptq", "awq") else set()

@@ -6,7 +6,14 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any, Final, NamedTuple
 
-from worker.engine.config import DynamicConfig, MethodConfig
+from worker.engine.config import (
+    DynamicConfig,
+    MethodConfig,
+    QATConfig,
+    StaticConfig,
+    TorchExportStaticConfig,
+    WeightOnlyConfig,
+)
 from worker.engine.types import Device, EngineError, Method, ModelFormat, Status
 
 
@@ -20,6 +27,11 @@ class MethodSpec(NamedTuple):
     needs_calibration: bool = False
     needs_training: bool = False
     dtypes: tuple[str, ...] = ("int8",)
+    # What this backend cannot do within the shared config: [(field, why)], checked before queueing.
+    option_limits: Callable[[Any], list[tuple[str, str]]] | None = None
+
+    def config_problems(self, config: MethodConfig) -> list[tuple[str, str]]:
+        return self.option_limits(config) if self.option_limits else []
 
     def load_handler(self) -> Callable[..., Any]:
         module_name, _, attr = self.handler.partition(":")
@@ -38,16 +50,40 @@ class UnsupportedMethod(EngineError):
 
 _CPU = frozenset({Device.cpu})
 
+
+def _onnx_weight_only_limits(config: WeightOnlyConfig) -> list[tuple[str, str]]:
+    """onnxruntime 1.32's MatMulNBits quantizers: block-wise only, HQQ/GPTQ 4-bit only, AWQ needs a GPU."""
+    problems = []
+    if config.group_size == -1 or config.granularity == "per_channel":
+        problems.append(("group_size", "onnxruntime's MatMulNBits has no per-channel mode; use 32, 64 or 128"))
+    if config.algorithm == "awq":
+        problems.append(("algorithm", "awq needs NVIDIA ModelOpt and a GPU in onnxruntime; use rtn, hqq or gptq"))
+    elif config.dtype == "int8" and config.algorithm in ("hqq", "gptq"):
+        problems.append(("algorithm", f"{config.algorithm} is 4-bit only in onnxruntime; use dtype int4 or rtn"))
+    return problems
+
 # Written out by hand, one line per backend path that exists and is tested.
 SPECS: Final[Mapping[tuple[ModelFormat, Method], MethodSpec]] = {
     (s.format, s.method): s
     for s in (
         MethodSpec(ModelFormat.onnx, Method.dynamic, DynamicConfig,
                    "worker.engine.methods.onnx_dynamic:run", _CPU, Status.stable),
+        MethodSpec(ModelFormat.onnx, Method.static, StaticConfig,
+                   "worker.engine.methods.onnx_static:run", _CPU, Status.stable, needs_calibration=True),
+        MethodSpec(ModelFormat.onnx, Method.weight_only, WeightOnlyConfig,
+                   "worker.engine.methods.onnx_weight_only:run", _CPU, Status.stable, dtypes=("int8", "int4"),
+                   option_limits=_onnx_weight_only_limits),
         MethodSpec(ModelFormat.torchscript, Method.dynamic, DynamicConfig,
                    "worker.engine.methods.torchscript_dynamic:run", _CPU, Status.legacy),
         MethodSpec(ModelFormat.torch_export, Method.dynamic, DynamicConfig,
                    "worker.engine.methods.torch_export_dynamic:run", _CPU, Status.experimental),
+        MethodSpec(ModelFormat.torch_export, Method.static, TorchExportStaticConfig,
+                   "worker.engine.methods.torch_export_static:run", _CPU, Status.stable, needs_calibration=True),
+        MethodSpec(ModelFormat.torchscript, Method.static, StaticConfig,
+                   "worker.engine.methods.torchscript_static:run", _CPU, Status.legacy, needs_calibration=True),
+        # cpu only until the cuda training path has run on a GPU (tests/unit/test_torch_qat.py, marker gpu)
+        MethodSpec(ModelFormat.torch_export, Method.qat, QATConfig,
+                   "worker.engine.methods.torch_export_qat:run", _CPU, Status.experimental, needs_training=True),
     )
 }
 

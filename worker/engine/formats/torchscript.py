@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from worker.engine.formats import torch_export
 from worker.engine.types import EngineError, ModelFormat, ModelInfo, TensorSpec
 
 if TYPE_CHECKING:
@@ -68,21 +69,8 @@ def inspect(path: Path) -> ModelInfo:
                      num_parameters=int(params), architecture=getattr(module, "original_name", None))
 
 
-def runner_for_module(module: torch.jit.ScriptModule, input_names: list[str],
-                      threads: int | None = 1) -> Runner:
-    import torch
-    from torch.utils import _pytree as pytree
-
-    if threads:  # None leaves the process-wide setting alone
-        torch.set_num_threads(threads)
-
-    def run(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
-        args = [torch.from_numpy(np.ascontiguousarray(batch[name])) for name in input_names]
-        with torch.no_grad():
-            result = module(*args)
-        return [leaf.detach().cpu().numpy() for leaf in pytree.tree_leaves(result) if isinstance(leaf, torch.Tensor)]
-
-    return run
+# Any callable torch module runs the same way: TorchScript, an exported program's module, an AOTI package.
+runner_for_module = torch_export.runner_for_module
 
 
 def load_runner(path: Path, threads: int | None = 1) -> Runner:

@@ -1,0 +1,72 @@
+"""Every method is reachable through the API with the fields of API.md, on a real worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import models
+from tests.conftest import Service, wait_for
+from tests.integration.helpers import submit, upload_dataset, upload_model
+
+
+@pytest.fixture(scope="module")
+def digits_sets(service: Service, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    tmp = tmp_path_factory.mktemp("methods")
+    x_train, y_train, x_test, y_test = models.digits_data()
+    client = service.client("methods")
+    return {
+        "calibration": upload_dataset(client, models.save_npz(tmp / "cal.npz", x=x_train[:128]))["id"],
+        "training": upload_dataset(client, models.save_npz(tmp / "train.npz", x=x_train[:512]))["id"],
+        "evaluation": upload_dataset(client, models.save_npz(tmp / "eval.npz", x=x_test, labels=y_test))["id"],
+    }
+
+
+def _run(service: Service, model_path: Path, body: dict) -> dict:
+    client = service.client("methods")
+    model = upload_model(client, model_path)
+    assert model["status"] == "ready", model["error"]
+    response = submit(client, {"model_id": model["id"], **body})
+    assert response.status_code == 202, response.text
+    job = wait_for(client, f"/v1/jobs/{response.json()['id']}", until=("succeeded", "failed"), timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    return job
+
+
+def test_onnx_static_with_calibration_through_the_api(service: Service, digits_sets: dict, tmp_path: Path) -> None:
+    cnn = models.train_wide_digits_cnn()
+    path = models.export_onnx(cnn, torch.zeros(2, 1, 8, 8), tmp_path / "cnn.onnx")
+    job = _run(service, path, {"method": "static", "calibration_dataset_id": digits_sets["calibration"],
+                               "evaluation_dataset_id": digits_sets["evaluation"],
+                               "config": {"calibration": {"algorithm": "entropy", "num_samples": 64}}})
+    assert job["config"]["calibration"] == {"algorithm": "entropy", "percentile": 99.999, "num_samples": 64}
+    metrics = job["metrics"]
+    assert metrics["size"]["ratio"] <= 0.30
+    assert metrics["accuracy"]["delta"] >= -0.01
+    assert any(layer["op"] == "Conv" and layer["weight_dtype"] == "int8" for layer in metrics["layers"])
+
+
+def test_onnx_weight_only_int4_through_the_api(service: Service, tmp_path: Path) -> None:
+    transformer = models.linear_heavy_transformer()
+    path = models.export_onnx(transformer, torch.from_numpy(models.token_ids(2)), tmp_path / "lm.onnx")
+    job = _run(service, path, {"method": "weight_only", "config": {"dtype": "int4", "group_size": 128}})
+    assert job["metrics"]["size"]["ratio"] <= 0.20
+    assert job["metrics"]["fidelity"]["cosine"] >= 0.95
+
+
+@pytest.mark.parametrize("config,field", [
+    ({"dtype": "int4", "algorithm": "gptq"}, ["body", "calibration_dataset_id"]),
+    ({"dtype": "int4", "algorithm": "awq"}, ["body", "config", "algorithm"]),
+    ({"dtype": "int4", "group_size": -1}, ["body", "config", "group_size"]),
+    ({"dtype": "int8", "algorithm": "hqq"}, ["body", "config", "algorithm"]),
+])
+def test_weight_only_options_onnx_cannot_do_are_422(service: Service, tmp_path: Path, config: dict,
+                                                    field: list) -> None:
+    client = service.client("methods")
+    path = models.export_onnx(models.wide_mlp(), torch.zeros(2, 1, 8, 8), tmp_path / "w.onnx")
+    model = upload_model(client, path)
+    response = submit(client, {"model_id": model["id"], "method": "weight_only", "config": config})
+    assert response.status_code == 422, response.text
+    assert field in [e["loc"] for e in response.json()["errors"]]
