@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: run test test-slow lint services bench clean
+.PHONY: run test test-slow lint services bench bench-engine bench-chaos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,15 @@ test: $(VENV)/.installed services
 
 test-slow: $(VENV)/.installed services
 	$(PY) -m pytest -m slow
+
+# Benchmarks measure speed and size; they are not tests and CI does not run them.
+bench: bench-engine
+
+bench-engine: $(VENV)/.installed
+	$(PY) bench/engine.py
+
+bench-chaos: $(VENV)/.installed services
+	$(PY) bench/chaos.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,130 @@
+"""Engine benchmark (not a test): every registered (format, method) on small real models, in one run.
+
+For each case: size ratio, accuracy or fidelity, latency speed-up against the float model in the runtime
+that serves the artifact, and the engine's wall time. `make bench-engine`; the table goes to stdout and
+bench/out/engine.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests import models  # noqa: E402
+from worker import engine  # noqa: E402
+from worker.engine.registry import SPECS  # noqa: E402
+
+
+@dataclass
+class Case:
+    label: str
+    fmt: str
+    method: str
+    build: Callable[[Path], Path]  # writes the float model, returns its path
+    config: dict[str, Any] = field(default_factory=dict)
+    datasets: tuple[str, ...] = ("evaluation",)  # which of calibration/training/evaluation to pass
+    text_input: bool = False
+
+
+def _cnn(saver: Callable) -> Callable[[Path], Path]:
+    return lambda p: saver(models.train_wide_digits_cnn(), torch.zeros(2, 1, 8, 8), p)
+
+
+def _mlp(saver: Callable) -> Callable[[Path], Path]:
+    return lambda p: saver(models.train_digits_mlp(), torch.zeros(2, 1, 8, 8), p)
+
+
+def _lm(p: Path) -> Path:
+    return models.export_onnx(models.linear_heavy_transformer(), torch.from_numpy(models.token_ids(2)), p)
+
+
+ONNX, TS, PT2 = models.export_onnx, models.save_torchscript, models.save_torch_export
+CASES = [
+    Case("digits MLP", "onnx", "dynamic", lambda p: ONNX(models.train_digits_mlp(), torch.zeros(2, 1, 8, 8), p)),
+    Case("digits LSTM", "onnx", "dynamic", lambda p: ONNX(models.train_digits_lstm(), torch.zeros(2, 1, 8, 8), p)),
+    Case("transformer d256", "onnx", "dynamic", _lm, text_input=True),
+    Case("digits MLP", "torchscript", "dynamic", _mlp(TS)),
+    Case("digits MLP", "torch_export", "dynamic", _mlp(PT2)),
+    Case("wide digits CNN", "onnx", "static", _cnn(ONNX), datasets=("calibration", "evaluation")),
+    Case("wide digits CNN", "torchscript", "static", _cnn(TS), datasets=("calibration", "evaluation")),
+    Case("wide digits CNN", "torch_export", "static", _cnn(PT2), datasets=("calibration", "evaluation")),
+    Case("wide digits CNN", "torch_export", "qat", _cnn(PT2), {"epochs": 2},
+         datasets=("training", "evaluation")),
+    Case("transformer d256", "onnx", "weight_only", _lm, {"dtype": "int4", "group_size": 128}, text_input=True),
+    Case("transformer d256", "onnx", "weight_only", _lm, {"dtype": "int8"}, text_input=True),
+]
+
+
+def _datasets(tmp: Path, case: Case) -> dict[str, Path]:
+    x_train, _, x_test, y_test = models.digits_data()
+    if case.text_input:
+        return {"evaluation_path": models.save_npz(tmp / "tokens.npz", input_ids=models.token_ids(64))}
+    paths = {"calibration": lambda: models.save_npz(tmp / "cal.npz", x=x_train[:256]),
+             "training": lambda: models.save_npz(tmp / "train.npz", x=x_train),
+             "evaluation": lambda: models.save_npz(tmp / "eval.npz", x=x_test, labels=y_test)}
+    return {f"{role}_path": paths[role]() for role in case.datasets}
+
+
+def run_case(case: Case, tmp: Path) -> dict[str, Any]:
+    suffix = {"onnx": ".onnx", "torchscript": ".pt", "torch_export": ".pt2"}[case.fmt]
+    model_path = case.build(tmp / f"model{suffix}")
+    started = time.perf_counter()
+    result = engine.quantize(model_path, case.fmt, case.method, case.config, tmp / "work", **_datasets(tmp, case))
+    seconds = time.perf_counter() - started
+    m = result.metrics
+    accuracy = m.get("accuracy") or {}
+    return {"model": case.label, "format": case.fmt, "method": case.method, "config": case.config,
+            "size_ratio": m["size"]["ratio"],
+            "top1": f"{accuracy['float']:.3f}->{accuracy['quantized']:.3f}" if accuracy else None,
+            "cosine": m["fidelity"].get("cosine"), "speedup": m["latency"].get("speedup"),
+            "runtime": m["latency"].get("runtime"), "engine_s": round(seconds, 1),
+            "artifacts": [a.filename for a in result.artifacts], "warnings": m.get("warnings", [])}
+
+
+def main() -> int:
+    console = Console()
+    listed = {(c.fmt, c.method) for c in CASES}
+    missing = sorted(f"{f}/{m}" for f, m in SPECS if (f.value, m.value) not in listed)
+    rows = []
+    with Progress(console=console) as progress:
+        task = progress.add_task("benchmark", total=len(CASES))
+        for case in CASES:
+            progress.update(task, description=f"{case.fmt}/{case.method} {case.label}")
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    rows.append(run_case(case, Path(tmp)))
+                except Exception as exc:  # a failing case is a result too: report it, keep going
+                    rows.append({"model": case.label, "format": case.fmt, "method": case.method,
+                                 "error": f"{exc.__class__.__name__}: {exc}"[:300]})
+            progress.advance(task)
+    out = Path(__file__).parent / "out"
+    out.mkdir(exist_ok=True)
+    (out / "engine.json").write_text(json.dumps(rows, indent=2))
+    print("| format/method | model | config | size | top-1 float->int8 | cosine | speed-up | runtime | engine s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['format']}/{r['method']} | {r['model']} | | failed: {r['error']} | | | | | |")
+            continue
+        print(f"| {r['format']}/{r['method']} | {r['model']} | {json.dumps(r['config']) if r['config'] else ''} | "
+              f"{r['size_ratio']:.3f} | {r['top1'] or ''} | {r['cosine']} | {r['speedup']} | {r['runtime']} | "
+              f"{r['engine_s']} |")
+    if missing:
+        print(f"\nregistered but not benchmarked: {', '.join(missing)}")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
