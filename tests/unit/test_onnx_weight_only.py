@@ -132,7 +132,7 @@ def test_exclude_keeps_the_named_layer_float(transformer_onnx: Path, tmp_path: P
     ({"group_size": -1}, "per-channel"),
     ({"granularity": "per_channel"}, "per-channel"),
     ({"algorithm": "awq", "dtype": "int4"}, "awq"),
-    ({"algorithm": "hqq", "dtype": "int8"}, "int4-only"),
+    ({"algorithm": "hqq", "dtype": "int8"}, "4-bit only"),
 ])
 def test_what_onnxruntime_cannot_do_is_refused_as_unsupported(config: dict, message: str, gemm_onnx: Path,
                                                               tmp_path: Path) -> None:
