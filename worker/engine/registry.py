@@ -62,6 +62,15 @@ def _onnx_weight_only_limits(config: WeightOnlyConfig) -> list[tuple[str, str]]:
         problems.append(("algorithm", f"{config.algorithm} is 4-bit only in onnxruntime; use dtype int4 or rtn"))
     return problems
 
+
+def _torch_static_limits(config: StaticConfig) -> list[tuple[str, str]]:
+    """torchao's PT2E and torch.ao's JIT quantization offer min/max and histogram observers only."""
+    algorithm = config.calibration.algorithm
+    if algorithm in ("entropy", "percentile"):
+        return [("calibration.algorithm", f"{algorithm!r} has no PT2E or torch.ao observer; use minmax or histogram")]
+    return []
+
+
 # Written out by hand, one line per backend path that exists and is tested.
 SPECS: Final[Mapping[tuple[ModelFormat, Method], MethodSpec]] = {
     (s.format, s.method): s
@@ -78,9 +87,11 @@ SPECS: Final[Mapping[tuple[ModelFormat, Method], MethodSpec]] = {
         MethodSpec(ModelFormat.torch_export, Method.dynamic, DynamicConfig,
                    "worker.engine.methods.torch_export_dynamic:run", _CPU, Status.experimental),
         MethodSpec(ModelFormat.torch_export, Method.static, TorchExportStaticConfig,
-                   "worker.engine.methods.torch_export_static:run", _CPU, Status.stable, needs_calibration=True),
+                   "worker.engine.methods.torch_export_static:run", _CPU, Status.stable, needs_calibration=True,
+                   option_limits=_torch_static_limits),
         MethodSpec(ModelFormat.torchscript, Method.static, StaticConfig,
-                   "worker.engine.methods.torchscript_static:run", _CPU, Status.legacy, needs_calibration=True),
+                   "worker.engine.methods.torchscript_static:run", _CPU, Status.legacy, needs_calibration=True,
+                   option_limits=_torch_static_limits),
         # cpu only until the cuda training path has run on a GPU (tests/unit/test_torch_qat.py, marker gpu)
         MethodSpec(ModelFormat.torch_export, Method.qat, QATConfig,
                    "worker.engine.methods.torch_export_qat:run", _CPU, Status.experimental, needs_training=True),
