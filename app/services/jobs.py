@@ -47,6 +47,12 @@ def submit(session: Session, tenant_id: uuid.UUID, body: JobCreate, *, max_attem
         raise ModelNotReady(f"model {model.id} is {model.status}; wait until it is ready",
                             errors=[{"loc": ["body", "model_id"], "msg": f"model is {model.status}"}])
     datasets = _check_datasets(session, tenant_id, body, spec, model, config.required_datasets())
+    for role in sorted(config.labelled_datasets()):
+        dataset = datasets.get(f"{role}_dataset_id")
+        if dataset is not None and not dataset.has_labels:
+            raise DatasetMismatch(f"{role}_dataset_id: these options need labels, and dataset {dataset.id} has none "
+                                  "(add an integer 'labels' array, or use the default distillation loss)",
+                                  errors=[{"loc": ["body", f"{role}_dataset_id"], "msg": "dataset has no labels"}])
 
     job = Job(id=uuid7(), tenant_id=tenant_id, model_id=model.id, method=spec.method.value, device=body.device,
               config=config.model_dump(mode="json"), name=body.name, labels=body.labels,

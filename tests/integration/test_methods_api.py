@@ -70,3 +70,48 @@ def test_weight_only_options_onnx_cannot_do_are_422(service: Service, tmp_path: 
     response = submit(client, {"model_id": model["id"], "method": "weight_only", "config": config})
     assert response.status_code == 422, response.text
     assert field in [e["loc"] for e in response.json()["errors"]]
+
+
+def test_torch_export_static_delivers_int8_program_and_compiled_package(service: Service, digits_sets: dict,
+                                                                        tmp_path: Path) -> None:
+    path = models.save_torch_export(models.train_wide_digits_cnn(), torch.zeros(2, 1, 8, 8), tmp_path / "cnn.pt2")
+    job = _run(service, path, {"method": "static", "calibration_dataset_id": digits_sets["calibration"],
+                               "evaluation_dataset_id": digits_sets["evaluation"]})
+    kinds = {a["kind"]: a for a in job["artifacts"]}
+    assert {"model", "report"} <= set(kinds)
+    assert kinds["model"]["filename"].endswith(".int8.pt2")
+    assert job["metrics"]["size"]["ratio"] <= 0.30
+    assert job["metrics"]["accuracy"]["delta"] >= -0.01
+    if "compiled_model" not in kinds:  # the package is optional only where compiling failed, and then it says so
+        assert any("AOTInductor" in w for w in job["metrics"]["warnings"])
+
+
+def test_torchscript_static_through_the_api(service: Service, digits_sets: dict, tmp_path: Path) -> None:
+    path = models.save_torchscript(models.train_wide_digits_cnn(), torch.zeros(2, 1, 8, 8), tmp_path / "cnn.pt")
+    job = _run(service, path, {"method": "static", "calibration_dataset_id": digits_sets["calibration"],
+                               "evaluation_dataset_id": digits_sets["evaluation"]})
+    assert job["metrics"]["size"]["ratio"] <= 0.30
+    assert job["metrics"]["accuracy"]["delta"] >= -0.01
+
+
+def test_qat_with_distillation_and_no_labels_through_the_api(service: Service, digits_sets: dict,
+                                                             tmp_path: Path) -> None:
+    path = models.save_torch_export(models.train_wide_digits_cnn(), torch.zeros(2, 1, 8, 8), tmp_path / "cnn.pt2")
+    job = _run(service, path, {"method": "qat", "training_dataset_id": digits_sets["training"],
+                               "evaluation_dataset_id": digits_sets["evaluation"],
+                               "config": {"epochs": 1, "batch_size": 64}})
+    assert job["config"]["loss"] == "distillation"
+    assert job["metrics"]["accuracy"]["delta"] >= -0.02
+    logs = service.client("methods").get(f"/v1/jobs/{job['id']}/logs").text
+    assert "epoch" in logs
+
+
+def test_cross_entropy_qat_on_a_dataset_without_labels_is_422(service: Service, digits_sets: dict,
+                                                              tmp_path: Path) -> None:
+    client = service.client("methods")
+    path = models.save_torch_export(models.train_digits_cnn(), torch.zeros(2, 1, 8, 8), tmp_path / "cnn.pt2")
+    model = upload_model(client, path)
+    response = submit(client, {"model_id": model["id"], "method": "qat", "training_dataset_id": digits_sets["training"],
+                               "config": {"loss": "cross_entropy", "epochs": 1}})
+    assert response.status_code == 422 and response.json()["code"] == "dataset_mismatch", response.text
+    assert "labels" in response.json()["detail"]

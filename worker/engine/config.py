@@ -32,6 +32,10 @@ class MethodConfig(BaseModel):
         """
         return set()
 
+    def labelled_datasets(self) -> set[str]:
+        """Dataset roles whose samples must carry `labels` for these options (checked before queueing)."""
+        return set()
+
 
 class DynamicConfig(MethodConfig):
     """Dynamic int8: weights int8 ahead of time, activations quantized per call."""
@@ -84,6 +88,9 @@ class QATConfig(StaticConfig):
         "distillation", description="distillation matches the float model's outputs; needs no labels."
     )
     weight_bits: Literal[8, 4] = Field(8, description=WEIGHT_BITS_DESCRIPTION)
+
+    def labelled_datasets(self) -> set[str]:
+        return {"training"} if self.loss == "cross_entropy" else set()
 
 
 class WeightOnlyConfig(MethodConfig):
