@@ -62,6 +62,8 @@ def test_dynamic_job_gives_smaller_model_close_to_float(service: Service, tmp_pa
     assert job["attempts"] == 1 and job["progress"] == 1.0
 
     metrics = job["metrics"]
+    print(f"\n{fmt}: job {job['duration_s']} s, size {metrics['size']}, latency {metrics['latency']}, "
+          f"accuracy {metrics['accuracy']}")  # the numbers behind a closing note (pytest -s)
     assert metrics["size"]["ratio"] <= 0.30, metrics["size"]
     assert metrics["fidelity"]["source"] == "evaluation"
     assert metrics["fidelity"]["top1_agreement"] >= 0.95
