@@ -105,14 +105,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     upgrade(settings.effective_database_url)
     _bootstrap_key(settings, _session_factory(settings))
+    from worker.engine.runner import die_with_parent
+
+    # The worker gets SIGTERM (a warm shutdown) when this process ends, however it ends: uvicorn re-raises
+    # the signal that stopped it, so a `finally` here would not run.
     worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--queues", "cpu",
-                               "--hostname", "embedded@%h"], env=os.environ.copy())
+                               "--hostname", "embedded@%h"], env=os.environ.copy(),
+                              preexec_fn=lambda: die_with_parent(signal.SIGTERM))
     try:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
-    finally:
-        worker.send_signal(signal.SIGTERM)
+    finally:  # reached when uvicorn returns normally (e.g. it could not bind the port)
+        worker.terminate()
         try:
-            worker.wait(timeout=20)
+            worker.wait(timeout=10)
         except subprocess.TimeoutExpired:
             worker.kill()
     return 0

@@ -75,6 +75,8 @@ class _Upload:
     storage_key: Mapped[str] = mapped_column(String(500))
     error: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # When its validation task was last published; a sweeper re-publishes one that stays validating.
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Model(_Upload, Base):

@@ -15,6 +15,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path(".quantserve"), description="Artifacts, and the embedded database/broker.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in data_dir.")
     broker_url: str | None = Field(None, description="Celery broker URL; default: SQLite-backed, in data_dir.")
+    broker_key_prefix: str = Field("", description="Prefix of every Redis key, to share one Redis safely.")
     max_upload_bytes: int = Field(2 * 1024**3, description="Largest model or dataset upload.")
     max_dataset_bytes: int = Field(4 * 1024**3, description="Largest decompressed dataset (zip-bomb guard).")
     max_json_bytes: int = Field(1024**2, description="Largest JSON request body.")

@@ -115,6 +115,8 @@ def service_env(database_url: str, broker_url: str, data_dir: Path, **overrides:
            "QUANTSERVE_SWEEP_INTERVAL_S": "1", "QUANTSERVE_REDISPATCH_AFTER_S": "5",
            "QUANTSERVE_MAX_UPLOAD_BYTES": str(64 * 1024 * 1024),
            "QUANTSERVE_MAX_DATASET_BYTES": str(128 * 1024 * 1024)}
+    # Its own Redis key space: two test runs on one machine must not consume each other's tasks.
+    env["QUANTSERVE_BROKER_KEY_PREFIX"] = f"qs-test-{uuid.uuid4().hex[:8]}:"
     env.update({f"QUANTSERVE_{k.upper()}": v for k, v in overrides.items()})
     return env
 

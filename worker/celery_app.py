@@ -12,7 +12,10 @@ def _transport_options(settings: Settings) -> dict:
     url = settings.effective_broker_url
     if url.startswith(("redis", "rediss")):
         # Redis redelivers an unacked message after this long; keep it above the job time limit.
-        return {"visibility_timeout": int(settings.job_time_limit_s) + 3600}
+        options: dict = {"visibility_timeout": int(settings.job_time_limit_s) + 3600}
+        if settings.broker_key_prefix:  # several deployments (or test runs) can share one Redis
+            options["global_keyprefix"] = settings.broker_key_prefix
+        return options
     return {}
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.broker import enqueue
@@ -166,15 +166,24 @@ def reap(factory: sessionmaker[Session]) -> int:
 
 
 def redispatch_stale(factory: sessionmaker[Session], after_s: float) -> int:
-    """Publish again any job still queued after `after_s` with nothing in the outbox: its message was lost
-    (a Redis restart without persistence, a purged queue). A surplus copy finds nothing to claim."""
+    """Publish again any job still queued, or upload still validating, after `after_s`: its message was
+    lost (a Redis restart without persistence, a purged queue). A surplus copy finds nothing to do."""
+    cutoff = utcnow() - timedelta(seconds=after_s)
     with transaction(factory) as session:
-        cutoff = utcnow() - timedelta(seconds=after_s)
         stale = session.execute(select(Job.id, Job.device).where(Job.status == "queued", Job.updated_at < cutoff)
                                 .limit(100)).all()
         for job_id, device in stale:
             session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(updated_at=utcnow()))
             enqueue(session, task_names.RUN_JOB, [str(job_id)], task_names.QUEUE_FOR_DEVICE[device])
-    if stale:
-        log.warning("re-published %d job(s) queued for more than %.0f s", len(stale), after_s)
-    return len(stale)
+        count = len(stale)
+        for row_type, task in ((Model, task_names.VALIDATE_MODEL), (Dataset, task_names.VALIDATE_DATASET)):
+            last_sent = func.coalesce(row_type.dispatched_at, row_type.created_at)
+            ids = session.scalars(select(row_type.id).where(row_type.status == "validating", last_sent < cutoff)
+                                  .limit(100)).all()
+            for row_id in ids:
+                session.execute(update(row_type).where(row_type.id == row_id).values(dispatched_at=utcnow()))
+                enqueue(session, task, [str(row_id)], task_names.VALIDATION_QUEUE)
+            count += len(ids)
+    if count:
+        log.warning("re-published %d task(s) still waiting after %.0f s", count, after_s)
+    return count

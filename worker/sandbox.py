@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import queue
 import signal
@@ -13,6 +15,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("quantserve.worker")
 
 # What the child may inherit: nothing secret (no database URL, no broker URL, no keys).
 _PASSTHROUGH = ("PATH", "LANG", "LC_ALL", "TZ", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE",
@@ -29,6 +33,21 @@ class SandboxFailure(Exception):
 
 class Stopped(Exception):
     """The supervisor asked the child to stop (cancel, lost lease)."""
+
+
+@functools.cache
+def network_isolation() -> list[str]:
+    """`unshare -rn`: the engine runs in its own network namespace with no interfaces up, so a model file
+    that manages to run code cannot reach the network. Where user namespaces are not allowed (some
+    container runtimes), jobs run without it and the worker logs that once."""
+    command = ["unshare", "--map-root-user", "--net"]
+    try:
+        subprocess.run([*command, "true"], check=True, capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        log.warning("network isolation of the engine is not available here (unshare failed); "
+                    "jobs run with the worker's network access")
+        return []
+    return command
 
 
 def child_env(work_dir: Path) -> dict[str, str]:
@@ -48,7 +67,8 @@ def run(request: dict[str, Any], work_dir: Path, *, on_event: Callable[[dict[str
     request_path.write_text(json.dumps(request))
     stderr_path = work_dir / "stderr.log"
     with open(stderr_path, "wb") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "worker.engine.runner", str(request_path)], cwd=work_dir,
+        command = [*network_isolation(), sys.executable, "-m", "worker.engine.runner", str(request_path)]
+        proc = subprocess.Popen(command, cwd=work_dir,
                                 env=child_env(work_dir), stdout=subprocess.PIPE, stderr=stderr,
                                 start_new_session=True)  # its own group: a kill reaches its helpers too
         events: queue.Queue[dict[str, Any]] = queue.Queue()

@@ -43,9 +43,9 @@ def create_model(session: Session, storage: LocalStorage, tenant_id: uuid.UUID, 
     model = Model(id=model_id, tenant_id=tenant_id, name=name or _default_name(filename, "model"),
                   format=detected.value, size_bytes=pending.size, sha256=pending.sha256,
                   storage_key=f"models/{model_id}/original")
-    storage.commit(pending, model.storage_key)
     session.add(model)
-    session.flush()
+    session.flush()  # the row first: if it cannot be written, no file is left in the store
+    storage.commit(pending, model.storage_key)
     enqueue(session, task_names.VALIDATE_MODEL, [str(model.id)], task_names.VALIDATION_QUEUE)
     return model
 
@@ -62,9 +62,9 @@ def create_dataset(session: Session, storage: LocalStorage, tenant_id: uuid.UUID
     dataset = Dataset(id=dataset_id, tenant_id=tenant_id, name=name or _default_name(filename, "dataset"),
                       kind=kind.value, size_bytes=pending.size, sha256=pending.sha256,
                       storage_key=f"datasets/{dataset_id}/original")
-    storage.commit(pending, dataset.storage_key)
     session.add(dataset)
     session.flush()
+    storage.commit(pending, dataset.storage_key)
     enqueue(session, task_names.VALIDATE_DATASET, [str(dataset.id)], task_names.VALIDATION_QUEUE)
     return dataset
 

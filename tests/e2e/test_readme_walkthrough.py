@@ -8,6 +8,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,3 +54,30 @@ def test_readme_walkthrough_runs_as_written_on_the_embedded_server(tmp_path: Pat
     out = ort.InferenceSession(str(quantized)).run(None, {"input": x})[0]
     assert np.mean(ref.argmax(1) == out.argmax(1)) >= 0.9
     assert '"metrics"' in (tmp_path / "report.json").read_text()
+
+
+def test_stopping_serve_also_stops_its_worker(tmp_path: Path) -> None:
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    free = port.getsockname()[1]
+    port.close()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUANTSERVE_")}
+    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--data-dir", str(tmp_path / "d"),
+                               "--port", str(free)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    wait_http(f"http://127.0.0.1:{free}/healthz", timeout=90, proc=server)
+    time.sleep(3)  # let the worker finish starting
+    workers = _children(server.pid)
+    assert workers, "serve started no worker process"
+    stop(server)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.5)
+    alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()
+             and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]
+    assert not alive, f"worker processes outlived serve: {alive}"
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]

@@ -42,15 +42,15 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or any(marker in text for marker in _OOM_MARKERS)
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL us when the supervising worker dies, so no orphan keeps computing."""
+def die_with_parent(sig: int = 9) -> None:
+    """Ask Linux to send `sig` (default SIGKILL) to this process when its parent dies, so no orphan keeps
+    running: the engine when its worker is killed, the embedded worker when `quantserve serve` stops."""
     import ctypes
     import os
-    import signal
 
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except OSError:  # not glibc/Linux: the lease still fences a stale result out
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # 1 = PR_SET_PDEATHSIG
+    except OSError:  # not glibc/Linux: the job lease still fences a stale result out
         return
     if os.getppid() == 1:  # the parent died before prctl took effect
         os._exit(1)
@@ -93,7 +93,7 @@ def _run(request: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     request = json.loads(Path(argv[1]).read_text())
     result_path = Path(request["result_path"])
-    _die_with_parent()
+    die_with_parent()
     _apply_limits()
     from worker.engine.types import EngineError
 
