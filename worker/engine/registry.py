@@ -71,6 +71,13 @@ def _torch_static_limits(config: StaticConfig) -> list[tuple[str, str]]:
     return []
 
 
+def _torch_weight_only_limits(config: WeightOnlyConfig) -> list[tuple[str, str]]:
+    """torchao weight-only on a .pt2 here: round to nearest only (no GPTQ/AWQ/HQQ path runs on this CPU)."""
+    if config.algorithm != "rtn":
+        return [("algorithm", f"{config.algorithm!r} is not available: only rtn for torch.export on cpu")]
+    return []
+
+
 # Written out by hand, one line per backend path that exists and is tested.
 SPECS: Final[Mapping[tuple[ModelFormat, Method], MethodSpec]] = {
     (s.format, s.method): s
@@ -92,6 +99,9 @@ SPECS: Final[Mapping[tuple[ModelFormat, Method], MethodSpec]] = {
         MethodSpec(ModelFormat.torchscript, Method.static, StaticConfig,
                    "worker.engine.methods.torchscript_static:run", _CPU, Status.legacy, needs_calibration=True,
                    option_limits=_torch_static_limits),
+        MethodSpec(ModelFormat.torch_export, Method.weight_only, WeightOnlyConfig,
+                   "worker.engine.methods.torch_export_weight_only:run", _CPU, Status.experimental,
+                   dtypes=("int8", "int4"), option_limits=_torch_weight_only_limits),
         # cpu only until the cuda training path has run on a GPU (tests/unit/test_torch_qat.py, marker gpu)
         MethodSpec(ModelFormat.torch_export, Method.qat, QATConfig,
                    "worker.engine.methods.torch_export_qat:run", _CPU, Status.experimental, needs_training=True),
