@@ -115,3 +115,13 @@ def test_cross_entropy_qat_on_a_dataset_without_labels_is_422(service: Service, 
                                "config": {"loss": "cross_entropy", "epochs": 1}})
     assert response.status_code == 422 and response.json()["code"] == "dataset_mismatch", response.text
     assert "labels" in response.json()["detail"]
+
+
+def test_torch_export_weight_only_int4_through_the_api(service: Service, digits_sets: dict, tmp_path: Path) -> None:
+    path = models.save_torch_export(models.train_digits_mlp(), torch.zeros(2, 1, 8, 8), tmp_path / "mlp.pt2")
+    job = _run(service, path, {"method": "weight_only", "evaluation_dataset_id": digits_sets["evaluation"],
+                               "config": {"dtype": "int4", "group_size": 32}})
+    assert job["metrics"]["size"]["ratio"] <= 0.25
+    assert job["metrics"]["fidelity"]["top1_agreement"] >= 0.9
+    if job["metrics"]["latency"]["speedup"] < 1:
+        assert any("slower" in w for w in job["metrics"]["warnings"])
