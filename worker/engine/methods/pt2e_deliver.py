@@ -24,6 +24,7 @@ from torch import fx
 from worker.engine import evaluate, report
 from worker.engine import metrics as m
 from worker.engine.formats import torch_export as pt2_format
+from worker.engine.methods import pt2_layer_sqnr
 from worker.engine.methods.pt2e_lowering import drop_unused, module_path
 from worker.engine.types import ArtifactFile, QuantizeResult, TensorSpec
 
@@ -186,6 +187,7 @@ def deliver(ctx: JobContext, *, float_program: torch.export.ExportedProgram, con
             notes: list[str], details: dict[str, Any]) -> QuantizeResult:
     """Save, compile, measure and describe; `details` goes into report[method_key]."""
     layers = weight_layers(converted, bits)
+    pt2_layer_sqnr.fill(ctx, layers, float_program.module(), converted, specs, samples)  # before the rewrites
     details["per_tensor_weights_rewritten"] = weights_per_channel(converted)
     ctx.progress("packaging", 0.45)
     program, args = small_program(converted, float_program, specs)

@@ -112,7 +112,8 @@ def _example_args(program: torch.export.ExportedProgram, specs: list[TensorSpec]
 
 
 def _quantize(program: torch.export.ExportedProgram, specs: list[TensorSpec], config: DynamicConfig,
-              excluded: set[str]) -> tuple[torch.export.ExportedProgram, list]:
+              excluded: set[str]) -> tuple[torch.export.ExportedProgram, list, torch.fx.GraphModule]:
+    """The exported int8 program, what was lowered, and the lowered module it was exported from."""
     import torch
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
@@ -131,7 +132,7 @@ def _quantize(program: torch.export.ExportedProgram, specs: list[TensorSpec], co
         result = torch.export.export(converted, args, dynamic_shapes=dynamic_shapes)
     result.example_inputs = None  # nothing pickled in the artifact: its sample-inputs member stays empty
     _strip_metadata(result)
-    return result, lowered
+    return result, lowered, converted
 
 
 def _strip_metadata(program: torch.export.ExportedProgram) -> None:
@@ -173,6 +174,8 @@ def run(ctx: JobContext) -> QuantizeResult:
     """Quantize a `.pt2` program's Linear layers to int8 weights with int8 activations computed per call."""
     import torch
 
+    from worker.engine.methods import pt2_layer_sqnr
+
     config: DynamicConfig = ctx.config
     ctx.progress("loading", 0.02)
     program = pt2_format.load_program(ctx.model_path, scratch=ctx.work_dir)
@@ -191,7 +194,7 @@ def run(ctx: JobContext) -> QuantizeResult:
 
     ctx.progress("quantizing", 0.10)
     try:
-        quantized, lowered = _quantize(program, specs, config, excluded)
+        quantized, lowered, lowered_module = _quantize(program, specs, config, excluded)
     except EngineError:
         raise
     except Exception as exc:  # PT2E and re-export raise many types on graphs they cannot handle
@@ -222,6 +225,7 @@ def run(ctx: JobContext) -> QuantizeResult:
         layers.append({"name": path, "op": kind,
                        "weight_dtype": ("int8" if kind == "Linear" else "uint8") if int8 else "float32",
                        "activation_dtype": "int8" if int8 and kind == "Linear" else "float32", "sqnr_db": None})
+    pt2_layer_sqnr.fill(ctx, layers, float_module, lowered_module, specs, samples)
     metrics = evaluate.measure(
         ctx, float_runner, quant_runner, samples, original_bytes=original_bytes, quantized_bytes=quantized_bytes,
         runtime=f"torch {torch.__version__} (eager)", layers=layers, extra_warnings=notes,

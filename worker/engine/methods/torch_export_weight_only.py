@@ -187,7 +187,8 @@ def _lower(gm: fx.GraphModule, targets: list[tuple[str, str, Any]], config: Weig
 
 
 def _quantize(program: torch.export.ExportedProgram, specs: list, config: WeightOnlyConfig,
-              targets_of: Any, notes: list[str]) -> tuple[torch.export.ExportedProgram, dict[str, str]]:
+              targets_of: Any, notes: list[str]) -> tuple[torch.export.ExportedProgram, dict[str, str], fx.GraphModule]:
+    """The exported program, {module path: weight dtype}, and the lowered module it was exported from."""
     import torch
 
     from worker.engine.methods.pt2e_lowering import drop_unused
@@ -196,19 +197,21 @@ def _quantize(program: torch.export.ExportedProgram, specs: list, config: Weight
     gm = program.module()
     done = _lower(gm, targets_of(gm), config, notes)
     if not done:
-        return program, done
+        return program, done, gm
     drop_unused(gm)
     args, dynamic_shapes = _example_args(program, specs)
     with torch.no_grad():
         result = torch.export.export(gm, args, dynamic_shapes=dynamic_shapes)
     result.example_inputs = None  # nothing pickled in the artifact
     _strip_metadata(result)
-    return result, done
+    return result, done, gm
 
 
 def run(ctx: JobContext) -> QuantizeResult:
     """Store a `.pt2` program's Linear and Embedding weights as int8 or int4 (RTN, torchao)."""
     import torch
+
+    from worker.engine.methods import pt2_layer_sqnr
 
     config: WeightOnlyConfig = ctx.config
     if config.algorithm != "rtn":
@@ -233,7 +236,7 @@ def run(ctx: JobContext) -> QuantizeResult:
     notes: list[str] = []
     ctx.progress("quantizing", 0.10)
     try:
-        quantized, done = _quantize(program, specs, config, targets_of, notes)
+        quantized, done, lowered_module = _quantize(program, specs, config, targets_of, notes)
     except EngineError:
         raise
     except Exception as exc:  # torchao and re-export raise many types on graphs they cannot handle
@@ -266,6 +269,7 @@ def run(ctx: JobContext) -> QuantizeResult:
         seen.add(path)
         layers.append({"name": path, "op": kind, "weight_dtype": done.get(path, "float32"),
                        "activation_dtype": "float32", "sqnr_db": None})
+    pt2_layer_sqnr.fill(ctx, layers, float_module, lowered_module, specs, samples)
     metrics = evaluate.measure(
         ctx, float_runner, quant_runner, samples, original_bytes=original_bytes, quantized_bytes=quantized_bytes,
         runtime=f"torch {torch.__version__} (eager, torchao)", layers=layers, extra_warnings=notes,
