@@ -139,3 +139,15 @@ def save_program(program: torch.export.ExportedProgram, path: Path) -> Path:
                 entry.extra = struct.pack("<HH", 0x4246, pad) + b"\0" * pad  # the "FB" padding field torch uses
                 dst.writestr(entry, data, compress_type=zipfile.ZIP_STORED)
     return path
+
+
+def save_and_reload(program: torch.export.ExportedProgram, output: Path, model_path: Path,
+                    input_names: list[str], log: Callable[[str, str], None]) -> tuple[Runner, int, int]:
+    """Save the quantized program, then load the file back as a user would: the metrics measure the
+    artifact, not the object in memory. Returns (runner, original bytes, quantized bytes)."""
+    save_program(program, output)
+    original_bytes, quantized_bytes = Path(model_path).stat().st_size, output.stat().st_size
+    log("info", f"saved {output.name}: {quantized_bytes} bytes ({quantized_bytes / original_bytes:.3f}x)")
+    with tempfile.TemporaryDirectory(dir=output.parent) as scratch:
+        reloaded = load_program(output, scratch=Path(scratch))
+    return runner_for_module(reloaded.module(), input_names, threads=1), original_bytes, quantized_bytes

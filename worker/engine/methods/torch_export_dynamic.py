@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import tempfile
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from worker.engine import evaluate, report
@@ -207,14 +205,10 @@ def run(ctx: JobContext) -> QuantizeResult:
     notes += _coverage_notes(found, int8_paths, excluded)
     output = ctx.work_dir / f"{ctx.model_name}.int8.pt2"
     ctx.progress("packaging", 0.55)
-    pt2_format.save_program(quantized, output)
-    original_bytes, quantized_bytes = Path(ctx.model_path).stat().st_size, output.stat().st_size
-    ctx.log("info", f"saved {output.name}: {quantized_bytes} bytes ({quantized_bytes / original_bytes:.3f}x)")
-
-    float_runner = pt2_format.runner_for_module(float_module, [s.name for s in specs], threads=1)
-    with tempfile.TemporaryDirectory(dir=ctx.work_dir) as scratch:  # measure the saved file, not the object
-        reloaded = pt2_format.load_program(output, scratch=Path(scratch))
-    quant_runner = pt2_format.runner_for_module(reloaded.module(), [s.name for s in specs], threads=1)
+    names = [s.name for s in specs]
+    quant_runner, original_bytes, quantized_bytes = pt2_format.save_and_reload(quantized, output, ctx.model_path,
+                                                                               names, ctx.log)
+    float_runner = pt2_format.runner_for_module(float_module, names, threads=1)
 
     layers, seen = [], set()
     for path, kind, _ in found:
