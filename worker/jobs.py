@@ -89,9 +89,8 @@ class _Progress:
                 self.flush()
 
     def flush(self) -> None:
-        f = self.rt.session_factory
-        lifecycle.report_progress(f, self.claim.job_id, self.claim.attempt, self.stage, self.progress)
-        lifecycle.add_logs(f, self.claim.job_id, self.logs)
+        lifecycle.report_progress(self.rt.session_factory, self.claim.job_id, self.claim.attempt, self.stage,
+                                  self.progress, self.logs)
         self.logs, self.written_at = [], time.monotonic()
 
 

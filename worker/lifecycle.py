@@ -82,17 +82,13 @@ def heartbeat(factory: sessionmaker[Session], job_id: uuid.UUID, attempt: int, l
 
 
 def report_progress(factory: sessionmaker[Session], job_id: uuid.UUID, attempt: int, stage: str,
-                    progress: float) -> None:
+                    progress: float, lines: list[tuple[str, str]] = ()) -> None:
+    """Stage, progress and new log lines in one transaction."""
     with transaction(factory) as session:
         # progress never goes backwards within an attempt
         session.execute(update(Job).where(*_mine(job_id, attempt), Job.progress <= progress)
                         .values(stage=stage, progress=min(max(progress, 0.0), 1.0)))
-
-
-def add_logs(factory: sessionmaker[Session], job_id: uuid.UUID, lines: list[tuple[str, str]]) -> None:
-    if lines:
-        with transaction(factory) as session:
-            session.add_all(JobLog(job_id=job_id, level=level, message=message[:4000]) for level, message in lines)
+        session.add_all(JobLog(job_id=job_id, level=level, message=message[:4000]) for level, message in lines)
 
 
 @dataclass(frozen=True)
