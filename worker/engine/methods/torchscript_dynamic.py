@@ -88,6 +88,8 @@ def run(ctx: JobContext) -> QuantizeResult:
     """Quantize a TorchScript model's Linear layers to int8 weights with per-call int8 activations."""
     import torch
 
+    from worker.engine.methods import ts_layer_sqnr
+
     config: DynamicConfig = ctx.config
     ctx.progress("loading", 0.02)
     original = ts_format.load_module(ctx.model_path)
@@ -123,14 +125,15 @@ def run(ctx: JobContext) -> QuantizeResult:
     output = ctx.work_dir / f"{ctx.model_name}.int8.pt"
     ctx.progress("packaging", 0.60)
     torch.jit.save(quantized, str(output))
-    del quantized
-    float_runner = ts_format.runner_for_module(original, input_names, threads=1)
-    quant_runner = ts_format.load_runner(output, threads=1)  # measure the saved file, not the object
-
     layers = [{"name": n, "op": kind,
                "weight_dtype": "int8" if kind == _LINEAR and n in linears else "float32",
                "activation_dtype": "uint8" if kind == _LINEAR and n in linears else "float32",
                "sqnr_db": None} for n, kind in layers_found]
+    ts_layer_sqnr.fill(ctx, layers, original, quantized, inputs, samples)
+    del quantized
+    float_runner = ts_format.runner_for_module(original, input_names, threads=1)
+    quant_runner = ts_format.load_runner(output, threads=1)  # measure the saved file, not the object
+
     engine = torch.backends.quantized.engine
     metrics = evaluate.measure(
         ctx, float_runner, quant_runner, samples,

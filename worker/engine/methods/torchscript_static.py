@@ -90,6 +90,8 @@ def run(ctx: JobContext) -> QuantizeResult:
     """Quantize a TorchScript model's convolutions and Linear layers to int8 with calibrated activations."""
     import torch
 
+    from worker.engine.methods import ts_layer_sqnr
+
     config: StaticConfig = ctx.config
     ctx.progress("loading", 0.02)
     original = ts_format.load_module(ctx.model_path)
@@ -144,13 +146,14 @@ def run(ctx: JobContext) -> QuantizeResult:
     output = ctx.work_dir / f"{ctx.model_name}.int8.pt"
     ctx.progress("packaging", 0.60)
     torch.jit.save(quantized, str(output))
+    int8 = set(quantizable) if n_int8 >= len(quantizable) else set()
+    layers = [{"name": n, "op": kind, "weight_dtype": "int8" if n in int8 else "float32",
+               "activation_dtype": "uint8" if n in int8 else "float32", "sqnr_db": None} for n, kind in found]
+    ts_layer_sqnr.fill(ctx, layers, original, quantized, inputs, samples)
     del quantized
     float_runner = ts_format.runner_for_module(original, input_names, threads=1)
     quant_runner = ts_format.load_runner(output, threads=1)  # measure the saved file, not the object
 
-    int8 = set(quantizable) if n_int8 >= len(quantizable) else set()
-    layers = [{"name": n, "op": kind, "weight_dtype": "int8" if n in int8 else "float32",
-               "activation_dtype": "uint8" if n in int8 else "float32", "sqnr_db": None} for n, kind in found]
     engine = torch.backends.quantized.engine
     metrics = evaluate.measure(
         ctx, float_runner, quant_runner, samples,
