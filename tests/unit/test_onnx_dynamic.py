@@ -236,13 +236,14 @@ def test_garbage_and_external_data_are_not_valid_onnx(mlp_onnx: Path, tmp_path: 
         inspect_model(external, ModelFormat.onnx)
 
 
-def test_hf_format_is_unsupported_for_now() -> None:
+def test_format_modules_resolve_and_unknown_formats_are_refused() -> None:
     from worker.engine.formats import loaders
     from worker.engine.types import UnsupportedModel
 
     with pytest.raises(UnsupportedModel):
-        loaders.for_format("hf")
+        loaders.for_format("keras")
     assert loaders.for_format("onnx").__name__ == "worker.engine.formats.onnx"
+    assert loaders.for_format("hf").__name__ == "worker.engine.formats.hf"
 
 
 def test_failed_pre_process_falls_back_and_says_the_lstm_stayed_float(

@@ -78,6 +78,13 @@ def _torch_weight_only_limits(config: WeightOnlyConfig) -> list[tuple[str, str]]
     return []
 
 
+def _hf_weight_only_limits(config: WeightOnlyConfig) -> list[tuple[str, str]]:
+    """llm-compressor here: round to nearest and GPTQ (AWQ needs per-architecture mappings; HQQ is not in it)."""
+    if config.algorithm in ("awq", "hqq"):
+        return [("algorithm", f"{config.algorithm!r} is not available for hf models; use rtn or gptq")]
+    return []
+
+
 # Written out by hand, one line per backend path that exists and is tested.
 SPECS: Final[Mapping[tuple[ModelFormat, Method], MethodSpec]] = {
     (s.format, s.method): s
@@ -102,6 +109,9 @@ SPECS: Final[Mapping[tuple[ModelFormat, Method], MethodSpec]] = {
         MethodSpec(ModelFormat.torch_export, Method.weight_only, WeightOnlyConfig,
                    "worker.engine.methods.torch_export_weight_only:run", _CPU, Status.experimental,
                    dtypes=("int8", "int4"), option_limits=_torch_weight_only_limits),
+        MethodSpec(ModelFormat.hf, Method.weight_only, WeightOnlyConfig,
+                   "worker.engine.methods.hf_weight_only:run", _CPU, Status.experimental, dtypes=("int8", "int4"),
+                   option_limits=_hf_weight_only_limits),
         # cpu only until the cuda training path has run on a GPU (tests/unit/test_torch_qat.py, marker gpu)
         MethodSpec(ModelFormat.torch_export, Method.qat, QATConfig,
                    "worker.engine.methods.torch_export_qat:run", _CPU, Status.experimental, needs_training=True),

@@ -138,7 +138,31 @@ def _load_arrays(path: Path, headers: dict[str, _Header], max_bytes: int) -> Ite
         yield key, array.astype(array.dtype.newbyteorder("="), copy=False)
 
 
+def load_text(path: Path, *, max_samples: int, max_lines: int = MAX_LINES) -> tuple[list[str], list[int] | None]:
+    """The first max_samples texts (and labels, when the lines have them) of a validated .jsonl dataset."""
+    texts: list[str] = []
+    labels: list[int] = []
+    for row in _rows(Path(path), max_lines):
+        texts.append(row["text"])
+        if "label" in row:
+            labels.append(row["label"])
+        if len(texts) >= max_samples:
+            break
+    return texts, (labels if labels else None)
+
+
 def _inspect_jsonl(path: Path, max_lines: int) -> tuple[int, bool]:
+    """Every line checked (see _rows): how many samples, and whether they carry labels."""
+    count = 0
+    labelled = False
+    for count, row in enumerate(_rows(path, max_lines), start=1):  # noqa: B007 - count is the result
+        labelled = "label" in row
+    if count == 0:
+        raise EngineError('the dataset has no lines; expected one {"text": "..."} object per line')
+    return count, labelled
+
+
+def _rows(path: Path, max_lines: int) -> Iterator[dict]:
     """Stream the lines: bounded length and count, strict UTF-8, one {"text": str, "label"?: int} each."""
     count = 0
     labelled: bool | None = None
@@ -162,9 +186,7 @@ def _inspect_jsonl(path: Path, max_lines: int) -> tuple[int, bool]:
             count += 1
             if count > max_lines:
                 raise EngineError(f"the dataset has more than {max_lines} lines")
-    if count == 0:
-        raise EngineError('the dataset has no lines; expected one {"text": "..."} object per line')
-    return count, bool(labelled)
+            yield row
 
 
 def _parse_line(raw: bytes, lineno: int) -> dict:

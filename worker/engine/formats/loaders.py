@@ -11,6 +11,7 @@ _MODULES = {
     ModelFormat.onnx: "worker.engine.formats.onnx",
     ModelFormat.torchscript: "worker.engine.formats.torchscript",
     ModelFormat.torch_export: "worker.engine.formats.torch_export",
+    ModelFormat.hf: "worker.engine.formats.hf",
 }
 
 
