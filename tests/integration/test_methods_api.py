@@ -125,3 +125,35 @@ def test_torch_export_weight_only_int4_through_the_api(service: Service, digits_
     assert job["metrics"]["fidelity"]["top1_agreement"] >= 0.9
     if job["metrics"]["latency"]["speedup"] < 1:
         assert any("slower" in w for w in job["metrics"]["warnings"])
+
+
+def test_hf_weight_only_int4_with_a_text_dataset_through_the_api(service: Service, tmp_path: Path) -> None:
+    import zipfile
+
+    from tests import hf_models
+    from tests.integration.helpers import download
+
+    client = service.client("methods")
+    model = upload_model(client, hf_models.tiny_llama_zip(tmp_path))
+    assert (model["status"], model["format"], model["architecture"]) == ("ready", "hf", "LlamaForCausalLM"), model
+    assert [i["name"] for i in model["inputs"]] == ["input_ids", "attention_mask"]
+    texts = upload_dataset(client, hf_models.write_text_dataset(tmp_path / "texts.jsonl", 16))
+    assert (texts["status"], texts["kind"], texts["num_samples"]) == ("ready", "text", 16), texts
+
+    refused = submit(client, {"model_id": model["id"], "method": "weight_only", "config": {"algorithm": "awq"}})
+    assert refused.status_code == 422
+    assert ["body", "config", "algorithm"] in [e["loc"] for e in refused.json()["errors"]]
+
+    response = submit(client, {"model_id": model["id"], "method": "weight_only", "evaluation_dataset_id": texts["id"],
+                               "config": {"dtype": "int4", "group_size": 64}})
+    assert response.status_code == 202, response.text
+    job = wait_for(client, f"/v1/jobs/{response.json()['id']}", until=("succeeded", "failed"), timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["metrics"]["perplexity"]["source"] == "evaluation"
+    assert job["metrics"]["fidelity"]["samples"] == 16
+    (artifact,) = [a for a in job["artifacts"] if a["kind"] == "model"]
+    assert artifact["format"] == "hf" and artifact["filename"].endswith(".int4.zip")
+    with zipfile.ZipFile(download(client, artifact, tmp_path / artifact["filename"])) as zf:
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(zf.namelist())
+    report = client.get(f"/v1/jobs/{job['id']}/report").json()
+    assert "from_pretrained" in report["loader"]

@@ -36,6 +36,17 @@ def _is_npz(path: Path) -> bool:
         return archives.sniff_archive(fh.read(512)) == "zip"
 
 
+def _npz_samples(path: Path, limit: int, source: str) -> evaluate.Samples:
+    """input_ids, and attention_mask when the dataset has one (else all ones)."""
+    with np.load(str(path), allow_pickle=False) as archive:
+        names = set(archive.files)
+    inputs = hf_format.INPUTS if "attention_mask" in names else hf_format.INPUTS[:1]
+    found = evaluate.load_npz(path, inputs, limit, source)
+    for feed in found.batches:
+        feed.setdefault("attention_mask", np.ones_like(feed["input_ids"]))
+    return found
+
+
 def tokenize(tokenizer: Any, texts: list[str], *, max_tokens: int = MAX_TOKENS) -> list[dict[str, np.ndarray]]:
     """One batch-1 feed per text, truncated to max_tokens; empty encodings are dropped."""
     feeds = []
@@ -77,10 +88,7 @@ def samples(ctx: JobContext, tokenizer: Any, vocab_size: int) -> evaluate.Sample
         if path is None:
             continue
         if _is_npz(path):
-            found = evaluate.load_npz(Path(path), hf_format.INPUTS[:1], MAX_SAMPLES, source)
-            for feed in found.batches:
-                feed.setdefault("attention_mask", np.ones_like(feed["input_ids"]))
-            return found
+            return _npz_samples(Path(path), MAX_SAMPLES, source)
         return _text_samples(Path(path), tokenizer, source)
     return _synthetic(vocab_size)
 
@@ -91,8 +99,7 @@ def calibration_feeds(ctx: JobContext, tokenizer: Any, *, limit: int) -> list[di
         raise EngineError("this algorithm needs calibration_dataset_id", code="dataset_mismatch")
     path = Path(ctx.calibration_path)
     if _is_npz(path):
-        found = evaluate.load_npz(path, hf_format.INPUTS[:1], limit, "calibration")
-        return [{"input_ids": f["input_ids"], "attention_mask": np.ones_like(f["input_ids"])} for f in found.batches]
+        return _npz_samples(path, limit, "calibration").batches
     if tokenizer is None:
         raise EngineError("the calibration dataset is text, but the model's archive has no tokenizer files",
                           code="dataset_mismatch")
