@@ -14,6 +14,7 @@ the layers before.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -140,11 +141,19 @@ def sample_batches(ctx: JobContext, specs: list[TensorSpec], samples: evaluate.S
 def fill(ctx: JobContext, layers: list[dict], float_module: fx.GraphModule, quant_module: fx.GraphModule,
          specs: list[TensorSpec], samples: evaluate.Samples) -> None:
     """Set sqnr_db on each layer with integer weights; any failure is only a warning and leaves None."""
+    record(ctx, layers, lambda names: layer_sqnr(float_module, quant_module, sample_batches(ctx, specs, samples),
+                                                 names))
+
+
+def record(ctx: JobContext, layers: list[dict], compute: Callable[[list[str]], dict[str, float | None]]) -> None:
+    """Run compute(names of layers with integer weights) and write its dB values into the layer rows.
+
+    Shared by the torch.export and TorchScript measurements."""
     quantized = [layer["name"] for layer in layers if layer.get("weight_dtype") != "float32"]
     if not quantized:
         return
     try:
-        values = layer_sqnr(float_module, quant_module, sample_batches(ctx, specs, samples), quantized)
+        values = compute(quantized)
     except Exception as exc:  # only a diagnostic: the job goes on without per-layer numbers
         ctx.log("warning", f"per-layer SQNR not measured: {type(exc).__name__}: {str(exc)[:300]}")
         return

@@ -156,17 +156,7 @@ def layer_sqnr(float_module: torch.jit.ScriptModule, quant_module: torch.jit.Scr
 def fill(ctx: JobContext, layers: list[dict], float_module: torch.jit.ScriptModule,
          quant_module: torch.jit.ScriptModule, specs: list[TensorSpec], samples: evaluate.Samples) -> None:
     """Set sqnr_db on each layer with integer weights; any failure is only a warning and leaves None."""
-    from worker.engine.methods.pt2_layer_sqnr import sample_batches
+    from worker.engine.methods.pt2_layer_sqnr import record, sample_batches
 
-    quantized = [layer["name"] for layer in layers if layer.get("weight_dtype") != "float32"]
-    if not quantized:
-        return
-    try:
-        values = layer_sqnr(float_module, quant_module, sample_batches(ctx, specs, samples), quantized)
-    except Exception as exc:  # only a diagnostic: the job goes on without per-layer numbers
-        ctx.log("warning", f"per-layer SQNR not measured: {type(exc).__name__}: {str(exc)[:300]}")
-        return
-    for layer in layers:
-        value = values.get(layer["name"])
-        if value is not None:
-            layer["sqnr_db"] = round(value, 2)
+    record(ctx, layers, lambda names: layer_sqnr(float_module, quant_module, sample_batches(ctx, specs, samples),
+                                                 names))
