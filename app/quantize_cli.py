@@ -12,12 +12,13 @@ from typing import Any
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a local model file with the engine and print its report")
-    p.add_argument("model", type=Path, help="an .onnx, TorchScript or torch.export .pt2 file")
+    p.add_argument("model", type=Path, help="an .onnx, TorchScript or torch.export .pt2 file, or a Hugging Face "
+                                            "folder (config.json + *.safetensors), as is or zipped")
     p.add_argument("--method", required=True, help="dynamic | static | qat | weight_only")
     p.add_argument("--config", default="{}", help='method options as JSON, e.g. \'{"granularity": "per_tensor"}\'')
-    p.add_argument("--calibration", type=Path, help=".npz calibration data (static, gptq/awq)")
+    p.add_argument("--calibration", type=Path, help=".npz calibration data (static, gptq/awq); .jsonl texts for hf")
     p.add_argument("--training", type=Path, help=".npz training data (qat)")
-    p.add_argument("--evaluation", type=Path, help=".npz evaluation data (inputs, optional labels)")
+    p.add_argument("--evaluation", type=Path, help=".npz evaluation data (inputs, optional labels); .jsonl for hf")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("-o", "--output", type=Path, required=True, help="folder for the artifacts and report.json")
     p.set_defaults(func=run)
@@ -32,6 +33,9 @@ def _summary(metrics: dict[str, Any]) -> list[tuple[str, str]]:
                         f"{lat.get('runtime')})")]
     if acc:
         rows.append(("accuracy", f"{acc.get('float')} -> {acc.get('quantized')} ({acc.get('delta'):+})"))
+    ppl = metrics.get("perplexity")
+    if ppl:
+        rows.append(("perplexity", f"{ppl.get('float')} -> {ppl.get('quantized')} ({ppl.get('delta'):+})"))
     rows += [("warning", w) for w in metrics.get("warnings", [])]
     return rows
 
@@ -43,10 +47,12 @@ def run(args: argparse.Namespace) -> int:
 
     from worker import engine
     from worker.engine.formats.detect import UnknownFormat, detect_model_format
+    from worker.engine.types import ModelFormat
 
     console = Console(stderr=True)
     try:
-        fmt = detect_model_format(args.model)
+        # A local Hugging Face folder is read in place; an upload would be its zip.
+        fmt = ModelFormat.hf if args.model.is_dir() else detect_model_format(args.model)
         config = json.loads(args.config)
     except (UnknownFormat, OSError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}")

@@ -41,3 +41,20 @@ def test_quantize_cli_refuses_a_pickle_with_a_clear_message(tmp_path: Path) -> N
     assert run.returncode == 2 and "pickle" in run.stderr
     run = _cli(tmp_path / "model.pt", "--method", "dynamic", "--config", "{bad", "-o", tmp_path / "out")
     assert run.returncode == 2
+
+
+def test_quantize_cli_takes_a_hugging_face_folder_in_place(tmp_path: Path) -> None:
+    from tests import hf_models
+
+    folder = hf_models.tiny_llama_folder(tmp_path / "tiny-llama")
+    texts = hf_models.write_text_dataset(tmp_path / "texts.jsonl", 8)
+    run = _cli(folder, "--method", "weight_only", "--config", '{"dtype": "int4", "group_size": 32}',
+               "--evaluation", texts, "-o", tmp_path / "out")
+    assert run.returncode == 0, run.stderr
+    artifact, report_path = (Path(line) for line in run.stdout.split())
+    assert artifact.name == "tiny-llama.int4.zip"
+    report = json.loads(report_path.read_text())
+    assert report["format"] == "hf" and report["metrics"]["perplexity"]["tokens"] > 0
+    assert "perplexity" in run.stderr
+    run = _cli(tmp_path / "out", "--method", "weight_only", "-o", tmp_path / "again")  # no config.json there
+    assert run.returncode == 2 and "not a Hugging Face folder" in run.stderr

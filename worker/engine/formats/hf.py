@@ -34,7 +34,13 @@ WEIGHT_FILES = ("config.json", "model.safetensors.index.json")
 
 
 def unpack(path: Path, scratch: Path) -> Path:
-    """Extract the archive under scratch and return the folder that holds config.json."""
+    """Extract the archive under scratch and return the folder that holds config.json.
+
+    A folder (the local CLI's `quantserve quantize ./my-model`) is used in place."""
+    if Path(path).is_dir():
+        if not (Path(path) / "config.json").is_file() or not any(Path(path).glob(f"*{WEIGHT_SUFFIX}")):
+            raise EngineError(f"{path} is not a Hugging Face folder: it needs config.json and *.safetensors")
+        return Path(path)
     dest = Path(tempfile.mkdtemp(prefix="hf-", dir=scratch))
     files = archives.safe_extract(path, dest)
     configs = sorted((f for f in files if f.name == "config.json" and any(

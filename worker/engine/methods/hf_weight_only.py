@@ -11,6 +11,7 @@ measured here is float-like; the report says so.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import zipfile
@@ -83,12 +84,13 @@ def _scheme(names: list[str], config: WeightOnlyConfig, group: int):  # noqa: AN
 
 def _quantize(ctx: JobContext, model: torch.nn.Module, plan: Plan, tokenizer: Any) -> None:
     """llm-compressor's one-shot pass, in place: RTN needs no data, GPTQ runs on the calibration texts."""
+    # Its INFO lines go to stdout and would flood the job log (and the CLI's output); ours say what matters.
+    # oneshot() reconfigures its logger from this variable on every call.
+    os.environ["LLM_COMPRESSOR_LOG_DISABLED"] = "true"
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
-    from loguru import logger
 
     config: WeightOnlyConfig = ctx.config
-    logger.disable("llmcompressor")  # its INFO lines would flood the job log; ours say what matters
     group = -1 if config.granularity == "per_channel" else config.group_size
     groups = {"group_0": _scheme(plan.grouped, config, group)}
     if plan.per_channel:
