@@ -2,7 +2,8 @@
 
 For each case: size ratio, accuracy or fidelity, latency speed-up against the float model in the runtime
 that serves the artifact, and the engine's wall time. `make bench-engine`; the table goes to stdout and
-bench/out/engine.json.
+bench/out/engine.json. `bench/engine.py MiniLM` runs only the cases whose "format/method model" contains
+"MiniLM" (case-insensitive), into bench/out/engine.filtered.json.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Case:
     config: dict[str, Any] = field(default_factory=dict)
     datasets: tuple[str, ...] = ("evaluation",)  # which of calibration/training/evaluation to pass
     text_input: bool = False
+    minilm_input: bool = False  # 64 tokenized sentences (input_ids, attention_mask, token_type_ids)
 
 
 def _cnn(saver: Callable) -> Callable[[Path], Path]:
@@ -55,6 +57,7 @@ CASES = [
     Case("digits MLP", "onnx", "dynamic", lambda p: ONNX(models.train_digits_mlp(), torch.zeros(2, 1, 8, 8), p)),
     Case("digits LSTM", "onnx", "dynamic", lambda p: ONNX(models.train_digits_lstm(), torch.zeros(2, 1, 8, 8), p)),
     Case("transformer d256", "onnx", "dynamic", _lm, text_input=True),
+    Case("all-MiniLM-L6-v2", "onnx", "dynamic", models.export_minilm_onnx, minilm_input=True),
     Case("digits MLP", "torchscript", "dynamic", _mlp(TS)),
     Case("digits MLP", "torch_export", "dynamic", _mlp(PT2)),
     Case("wide digits CNN", "onnx", "static", _cnn(ONNX), datasets=("calibration", "evaluation")),
@@ -68,6 +71,8 @@ CASES = [
 
 
 def _datasets(tmp: Path, case: Case) -> dict[str, Path]:
+    if case.minilm_input:
+        return {"evaluation_path": models.minilm_dataset(tmp / "sentences.npz")}
     x_train, _, x_test, y_test = models.digits_data()
     if case.text_input:
         return {"evaluation_path": models.save_npz(tmp / "tokens.npz", input_ids=models.token_ids(64))}
@@ -88,19 +93,22 @@ def run_case(case: Case, tmp: Path) -> dict[str, Any]:
     return {"model": case.label, "format": case.fmt, "method": case.method, "config": case.config,
             "size_ratio": m["size"]["ratio"],
             "top1": f"{accuracy['float']:.3f}->{accuracy['quantized']:.3f}" if accuracy else None,
-            "cosine": m["fidelity"].get("cosine"), "speedup": m["latency"].get("speedup"),
+            "cosine": m["fidelity"].get("cosine"), "cosine_min": m["fidelity"].get("cosine_min"),
+            "speedup": m["latency"].get("speedup"),
             "runtime": m["latency"].get("runtime"), "engine_s": round(seconds, 1),
             "artifacts": [a.filename for a in result.artifacts], "warnings": m.get("warnings", [])}
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
     console = Console()
     listed = {(c.fmt, c.method) for c in CASES}
     missing = sorted(f"{f}/{m}" for f, m in SPECS if (f.value, m.value) not in listed)
+    wanted = [w.lower() for w in argv]
+    cases = [c for c in CASES if not wanted or any(w in f"{c.fmt}/{c.method} {c.label}".lower() for w in wanted)]
     rows = []
     with Progress(console=console) as progress:
-        task = progress.add_task("benchmark", total=len(CASES))
-        for case in CASES:
+        task = progress.add_task("benchmark", total=len(cases))
+        for case in cases:
             progress.update(task, description=f"{case.fmt}/{case.method} {case.label}")
             with tempfile.TemporaryDirectory() as tmp:
                 try:
@@ -111,20 +119,22 @@ def main() -> int:
             progress.advance(task)
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
-    (out / "engine.json").write_text(json.dumps(rows, indent=2))
-    print("| format/method | model | config | size | top-1 float->int8 | cosine | speed-up | runtime | engine s |")
+    # a filtered run leaves the full run's table alone
+    (out / ("engine.filtered.json" if wanted else "engine.json")).write_text(json.dumps(rows, indent=2))
+    print("| format/method | model | config | size | top-1 float->int8 | cosine mean/min | speed-up | runtime "
+          "| engine s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['format']}/{r['method']} | {r['model']} | | failed: {r['error']} | | | | | |")
             continue
         print(f"| {r['format']}/{r['method']} | {r['model']} | {json.dumps(r['config']) if r['config'] else ''} | "
-              f"{r['size_ratio']:.3f} | {r['top1'] or ''} | {r['cosine']} | {r['speedup']} | {r['runtime']} | "
-              f"{r['engine_s']} |")
-    if missing:
+              f"{r['size_ratio']:.3f} | {r['top1'] or ''} | {r['cosine']} / {r['cosine_min']} | {r['speedup']} | "
+              f"{r['runtime']} | {r['engine_s']} |")
+    if missing and not wanted:
         print(f"\nregistered but not benchmarked: {', '.join(missing)}")
     return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -50,6 +50,9 @@ def test_top1_agreement_and_accuracy_need_score_vectors() -> None:
     assert m.top1_agreement(f, q) == 0.75
     assert m.accuracy_top1(f, np.array([1, 0, 0, 0])) == 0.75
     assert m.top1_agreement([np.ones((1, 5, 3))], [np.ones((1, 5, 3))]) is None  # a sequence, not scores
+    # hidden states of a one-token sequence, or an output without a batch axis: not [batch, classes] either
+    assert m.top1_agreement([np.ones((1, 1, 384))], [np.ones((1, 1, 384))]) is None
+    assert m.top1_agreement([np.ones(10)], [np.ones(10)]) is None
     assert m.accuracy_top1(f, np.array([1, 0])) is None  # label count does not match
 
 
@@ -171,3 +174,27 @@ def test_measure_warns_on_unmoved_size_collapse_and_slowness(tmp_path: Path) -> 
     assert "size did not move" in text and "fidelity collapsed" in text and "slower" in text
     assert "same top-1 class" in text and metrics["accuracy"] is None
     assert metrics["latency"]["speedup"] < 1
+
+
+def test_measure_skips_padded_positions_and_gives_no_top1_on_hidden_states(tmp_path: Path) -> None:
+    mask = np.array([[1, 1, 1, 0, 0]], np.int64)
+    batches = [{"input_ids": np.ones((1, 5), np.int64), "attention_mask": mask} for _ in range(3)]
+    samples = Samples(batches=batches, labels=None, source="evaluation")
+    hidden = np.random.default_rng(0).standard_normal((1, 5, 8)).astype(np.float32)
+    noisy_padding = hidden.copy()
+    noisy_padding[:, 3:] = -noisy_padding[:, 3:]  # quantization moves padded positions most; nothing reads them
+    metrics = measure(_ctx(tmp_path), lambda feed: [hidden], lambda feed: [noisy_padding], samples,
+                      original_bytes=1000, quantized_bytes=260, runtime="numpy", layers=[], latency_runs=20)
+    assert metrics["fidelity"]["cosine"] == 1.0 and metrics["fidelity"]["sqnr_db"] == m.SQNR_CAP_DB
+    assert metrics["fidelity"]["top1_agreement"] is None and metrics["fidelity"]["samples"] == 3
+    assert not [w for w in metrics["warnings"] if "slower" not in w]
+
+
+def test_evaluation_is_capped_and_reports_the_samples_really_used(tmp_path: Path) -> None:
+    path = models.save_npz(tmp_path / "e.npz", x=np.zeros((300, 1, 8, 8), np.float32), labels=np.zeros(300, np.int64))
+    samples = load_samples(_ctx(tmp_path, evaluation_path=path), [X_SPEC])
+    assert len(samples.batches) == len(samples.labels) == 256
+    metrics = measure(_ctx(tmp_path), lambda feed: [feed["x"].reshape(1, -1)[:, :4] + 1.0],
+                      lambda feed: [feed["x"].reshape(1, -1)[:, :4] + 1.0], samples, original_bytes=1000,
+                      quantized_bytes=260, runtime="numpy", layers=[], latency_runs=20)
+    assert metrics["fidelity"]["samples"] == 256 and metrics["accuracy"]["float"] == 1.0

@@ -177,7 +177,7 @@ def test_per_tensor_asymmetric_config_gives_uint8_weights(mlp_onnx: Path, digits
     assert result.metrics["fidelity"]["top1_agreement"] >= 0.95
 
 
-def test_outlier_layer_is_kept_float_to_reach_cosine_target(tmp_path: Path) -> None:
+def _outlier_transformer(tmp_path: Path) -> tuple[Path, Path]:
     torch.manual_seed(0)
     model = models.TinyTransformer(vocab=8000).eval()
     with torch.no_grad():  # one huge activation channel into ff2: per-tensor uint8 crushes the rest
@@ -185,7 +185,27 @@ def test_outlier_layer_is_kept_float_to_reach_cosine_target(tmp_path: Path) -> N
         model.blocks[1].ff1.bias[5] = 300
         model.blocks[1].ff2.weight[:, 5] /= 300
     path = models.export_onnx(model, torch.from_numpy(models.token_ids(2)), tmp_path / "outlier.onnx")
-    dataset = models.save_npz(tmp_path / "ids.npz", input_ids=models.token_ids(64, seed=2))
+    return path, models.save_npz(tmp_path / "ids.npz", input_ids=models.token_ids(64, seed=2))
+
+
+def test_outlier_channel_is_smoothed_into_the_weights_and_stays_int8(tmp_path: Path) -> None:
+    path, dataset = _outlier_transformer(tmp_path)
+    result = quantize(path, "onnx", "dynamic", {}, tmp_path / "job", evaluation_path=dataset)
+    layers = {layer["name"]: layer for layer in result.metrics["layers"]}
+    assert layers["blocks.1.ff2"]["weight_dtype"] == "int8" and layers["blocks.1.ff2"]["sqnr_db"] > 30
+    assert "blocks.1.ff2" in result.report["onnx_dynamic"]["smoothed"]
+    assert result.report["onnx_dynamic"]["kept_float_for_fidelity"] == []
+    assert result.metrics["fidelity"]["cosine"] >= 0.995 and result.metrics["size"]["ratio"] <= 0.30
+    ids = models.token_ids(64, seed=2)  # one batch: the smoothing scales hold beyond batch-1 calls
+    assert _cosines(_run(path, {"input_ids": ids}), _run(result.artifacts[0].path, {"input_ids": ids})).min() >= 0.99
+
+
+def test_outlier_layer_is_kept_float_to_reach_cosine_target(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.engine.methods import onnx_dynamic
+
+    monkeypatch.setattr(onnx_dynamic, "SMOOTHING_ALPHAS", ())  # smoothing would fix it first
+    path, dataset = _outlier_transformer(tmp_path)
     metrics = quantize(path, "onnx", "dynamic", {}, tmp_path / "job", evaluation_path=dataset).metrics
     layers = {layer["name"]: layer for layer in metrics["layers"]}
     assert layers["blocks.1.ff2"]["weight_dtype"] == "float32"

@@ -121,6 +121,23 @@ def load_samples(ctx: JobContext, inputs: list[TensorSpec], *, max_samples: int 
     return _synthetic(inputs)
 
 
+def unpadded(batch: dict[str, np.ndarray], outputs: list[np.ndarray]) -> list[np.ndarray]:
+    """Outputs without the positions the sample's attention mask pads out.
+
+    A transformer still computes values at padded positions, which no consumer reads and which
+    quantization moves the most: compared with the rest they would understate fidelity (MiniLM's
+    last_hidden_state: cosine 0.976 with them, 0.990 without). Only per-position outputs,
+    [1, sequence, ...] with the mask's sequence length, lose those positions.
+    """
+    mask = next((a for name, a in batch.items() if "attention_mask" in name.lower()), None)
+    if mask is None or mask.ndim != 2 or mask.shape[0] != 1 or mask.dtype.kind not in "biu":
+        return outputs
+    keep = mask[0] != 0
+    if keep.all() or not keep.any():
+        return outputs
+    return [o[:, keep] if o.ndim >= 3 and o.shape[:2] == mask.shape else o for o in outputs]
+
+
 def _run_all(runner: Runner, samples: Samples, which: str,
              progress: Callable[[float], None]) -> list[list[np.ndarray]]:
     outs = []
@@ -169,10 +186,12 @@ def measure(ctx: JobContext, float_runner: Runner, quant_runner: Runner, samples
     if [len(o) for o in float_outs[:1]] != [len(o) for o in quant_outs[:1]]:
         raise EngineError("the quantized model returns a different number of outputs than the float one",
                           code="evaluation_failed")
-    cos_mean, cos_min = m.cosine(float_outs, quant_outs)
     first_f, first_q = [o[0] for o in float_outs], [o[0] for o in quant_outs]
-    agreement = m.top1_agreement(first_f, first_q)
-    fidelity = {"source": samples.source, "samples": len(samples.batches),
+    agreement = m.top1_agreement(first_f, first_q)  # None unless the first output is [batch, classes] scores
+    float_outs = [unpadded(b, o) for b, o in zip(samples.batches, float_outs, strict=True)]
+    quant_outs = [unpadded(b, o) for b, o in zip(samples.batches, quant_outs, strict=True)]
+    cos_mean, cos_min = m.cosine(float_outs, quant_outs)
+    fidelity = {"source": samples.source, "samples": len(float_outs),  # every sample measured, after the cap
                 "sqnr_db": round(m.sqnr_db(float_outs, quant_outs), 2),
                 "cosine": round(cos_mean, 6), "cosine_min": round(cos_min, 6),
                 "top1_agreement": None if agreement is None else round(agreement, 4)}

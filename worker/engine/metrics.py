@@ -67,10 +67,11 @@ def cosine(float_outs: Outputs, quant_outs: Outputs) -> tuple[float, float]:
 
 
 def _argmax_rows(logits: Sequence[np.ndarray]) -> np.ndarray | None:
-    """argmax over the last axis of each sample's (batch-1) output; None when not classifier-like."""
+    """argmax of each sample's (batch-1) output; None unless every one is [1, classes] scores."""
     arrays = [np.asarray(x) for x in logits]
-    if not arrays or any(a.ndim == 0 or a.shape[-1] < 2 or a.size != a.shape[-1] for a in arrays):
-        return None  # not one score vector per sample (e.g. a sequence or image output)
+    # [1, seq, hidden], [1, 1, hidden], images, scalars: an argmax over them means nothing
+    if not arrays or any(a.ndim != 2 or a.shape[0] != 1 or a.shape[1] < 2 for a in arrays):
+        return None
     if not all(np.issubdtype(a.dtype, np.floating) for a in arrays):
         return None
     return np.asarray([int(np.argmax(a.reshape(-1))) for a in arrays])
@@ -158,3 +159,37 @@ def dynamic_matmul_sqnr(activations: Sequence[np.ndarray], weight: np.ndarray, *
         f_outs.append(x @ w)
         q_outs.append(fake_quantize_activation(x) @ w_q)
     return sqnr_db(f_outs, q_outs)
+
+
+def smoothing_scales(x_max: np.ndarray, activations: Sequence[np.ndarray], weights: Sequence[np.ndarray], *,
+                     per_channel: bool, symmetric: bool, alphas: Sequence[float]
+                     ) -> tuple[np.ndarray | None, float, float]:
+    """SmoothQuant's per-input-channel scale s for MatMuls that share one input (x @ W, each W [K, N]):
+    x / s and s * W compute the same product, but x's outlier channels shrink, so the per-tensor
+    activation scale of dynamic int8 no longer wastes its 256 steps on them.
+
+    s = max|x_k|^alpha / max|W_k|^(1 - alpha) (x_max: max|x_k| over as many samples as can be had; a
+    channel whose outliers they miss stays an outlier), alpha chosen to maximise the worst of the MatMuls'
+    own SQNR on `activations`. Returns (s, or None when no alpha beats leaving x alone; the worst SQNR
+    without it; the worst SQNR with it).
+    """
+    xs = [np.asarray(x, dtype=np.float64) for x in activations]
+    ws = [np.asarray(w, dtype=np.float64) for w in weights]
+    x_max = np.asarray(x_max, dtype=np.float64)
+    w_max = np.max([np.abs(w).max(1) for w in ws], axis=0)
+
+    def worst(scale: np.ndarray) -> float:
+        return min(dynamic_matmul_sqnr([x / scale for x in xs], w * scale[:, None], per_channel=per_channel,
+                                       symmetric=symmetric) for w in ws)
+
+    plain = worst(np.ones_like(x_max))
+    best: tuple[np.ndarray | None, float] = (None, plain)
+    for alpha in alphas:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = x_max**alpha / w_max ** (1 - alpha)
+        # a channel that is always zero, or whose weights are, keeps its scale
+        scale = np.where(np.isfinite(scale) & (scale > 0), np.clip(scale, 1e-4, 1e4), 1.0)
+        value = worst(scale)
+        if value > best[1]:
+            best = (scale, value)
+    return best[0], plain, best[1]
