@@ -23,7 +23,7 @@ from rich.progress import Progress
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests import models  # noqa: E402
+from tests import hf_models, models  # noqa: E402
 from worker import engine  # noqa: E402
 from worker.engine.registry import SPECS  # noqa: E402
 
@@ -38,6 +38,7 @@ class Case:
     datasets: tuple[str, ...] = ("evaluation",)  # which of calibration/training/evaluation to pass
     text_input: bool = False
     minilm_input: bool = False  # 64 tokenized sentences (input_ids, attention_mask, token_type_ids)
+    text_jsonl: bool = False  # an hf model: texts as a .jsonl dataset (evaluation, and calibration for gptq)
 
 
 def _cnn(saver: Callable) -> Callable[[Path], Path]:
@@ -50,6 +51,14 @@ def _mlp(saver: Callable) -> Callable[[Path], Path]:
 
 def _lm(p: Path) -> Path:
     return models.export_onnx(models.linear_heavy_transformer(), torch.from_numpy(models.token_ids(2)), p)
+
+
+def _tiny_llama(p: Path) -> Path:
+    return hf_models.tiny_llama_zip(p.parent)
+
+
+def _minilm(p: Path) -> Path:
+    return hf_models.minilm_zip(p.parent)
 
 
 ONNX, TS, PT2 = models.export_onnx, models.save_torchscript, models.save_torch_export
@@ -67,10 +76,22 @@ CASES = [
          datasets=("training", "evaluation")),
     Case("transformer d256", "onnx", "weight_only", _lm, {"dtype": "int4", "group_size": 128}, text_input=True),
     Case("transformer d256", "onnx", "weight_only", _lm, {"dtype": "int8"}, text_input=True),
+    Case("digits MLP", "torch_export", "weight_only", _mlp(PT2), {"dtype": "int8", "granularity": "per_channel"}),
+    Case("digits MLP", "torch_export", "weight_only", _mlp(PT2), {"dtype": "int4", "group_size": 32}),
+    Case("tiny Llama (random)", "hf", "weight_only", _tiny_llama, {"dtype": "int4", "group_size": 32},
+         text_jsonl=True),
+    Case("tiny Llama (random)", "hf", "weight_only", _tiny_llama, {"dtype": "int4", "algorithm": "gptq"},
+         text_jsonl=True),
+    Case("all-MiniLM-L6-v2", "hf", "weight_only", _minilm, {"dtype": "int8", "granularity": "per_channel"},
+         text_jsonl=True),
+    Case("all-MiniLM-L6-v2", "hf", "weight_only", _minilm, {"dtype": "int4", "group_size": 32}, text_jsonl=True),
 ]
 
 
 def _datasets(tmp: Path, case: Case) -> dict[str, Path]:
+    if case.text_jsonl:
+        texts = hf_models.write_text_dataset(tmp / "texts.jsonl", 64)
+        return {"evaluation_path": texts, "calibration_path": texts}
     if case.minilm_input:
         return {"evaluation_path": models.minilm_dataset(tmp / "sentences.npz")}
     x_train, _, x_test, y_test = models.digits_data()
@@ -83,20 +104,27 @@ def _datasets(tmp: Path, case: Case) -> dict[str, Path]:
 
 
 def run_case(case: Case, tmp: Path) -> dict[str, Any]:
-    suffix = {"onnx": ".onnx", "torchscript": ".pt", "torch_export": ".pt2"}[case.fmt]
+    suffix = {"onnx": ".onnx", "torchscript": ".pt", "torch_export": ".pt2", "hf": ".zip"}[case.fmt]
     model_path = case.build(tmp / f"model{suffix}")
     started = time.perf_counter()
     result = engine.quantize(model_path, case.fmt, case.method, case.config, tmp / "work", **_datasets(tmp, case))
     seconds = time.perf_counter() - started
     m = result.metrics
-    accuracy = m.get("accuracy") or {}
+    accuracy, perplexity = m.get("accuracy") or {}, m.get("perplexity") or {}
     return {"model": case.label, "format": case.fmt, "method": case.method, "config": case.config,
             "size_ratio": m["size"]["ratio"],
             "top1": f"{accuracy['float']:.3f}->{accuracy['quantized']:.3f}" if accuracy else None,
+            "perplexity": f"{perplexity['float']:.1f}->{perplexity['quantized']:.1f}" if perplexity else None,
             "cosine": m["fidelity"].get("cosine"), "cosine_min": m["fidelity"].get("cosine_min"),
             "speedup": m["latency"].get("speedup"),
             "runtime": m["latency"].get("runtime"), "engine_s": round(seconds, 1),
             "artifacts": [a.filename for a in result.artifacts], "warnings": m.get("warnings", [])}
+
+
+def _quality(row: dict[str, Any]) -> str:
+    if row["top1"]:
+        return row["top1"]
+    return f"ppl {row['perplexity']}" if row["perplexity"] else ""
 
 
 def main(argv: list[str]) -> int:
@@ -121,15 +149,15 @@ def main(argv: list[str]) -> int:
     out.mkdir(exist_ok=True)
     # a filtered run leaves the full run's table alone
     (out / ("engine.filtered.json" if wanted else "engine.json")).write_text(json.dumps(rows, indent=2))
-    print("| format/method | model | config | size | top-1 float->int8 | cosine mean/min | speed-up | runtime "
-          "| engine s |")
+    print("| format/method | model | config | size | top-1 (or perplexity) float->quantized | cosine mean/min "
+          "| speed-up | runtime | engine s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['format']}/{r['method']} | {r['model']} | | failed: {r['error']} | | | | | |")
             continue
         print(f"| {r['format']}/{r['method']} | {r['model']} | {json.dumps(r['config']) if r['config'] else ''} | "
-              f"{r['size_ratio']:.3f} | {r['top1'] or ''} | {r['cosine']} / {r['cosine_min']} | {r['speedup']} | "
+              f"{r['size_ratio']:.3f} | {_quality(r)} | {r['cosine']} / {r['cosine_min']} | {r['speedup']} | "
               f"{r['runtime']} | {r['engine_s']} |")
     if missing and not wanted:
         print(f"\nregistered but not benchmarked: {', '.join(missing)}")

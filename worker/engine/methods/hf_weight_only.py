@@ -85,8 +85,10 @@ def _scheme(names: list[str], config: WeightOnlyConfig, group: int):  # noqa: AN
 def _quantize(ctx: JobContext, model: torch.nn.Module, plan: Plan, tokenizer: Any) -> None:
     """llm-compressor's one-shot pass, in place: RTN needs no data, GPTQ runs on the calibration texts."""
     # Its INFO lines go to stdout and would flood the job log (and the CLI's output); ours say what matters.
-    # oneshot() reconfigures its logger from this variable on every call.
-    os.environ["LLM_COMPRESSOR_LOG_DISABLED"] = "true"
+    # oneshot() reconfigures its logger from these variables on every call. Disabling it outright breaks
+    # GPTQ, which then logs at a level ("METRIC") that was never registered.
+    os.environ["LLM_COMPRESSOR_LOG_DISABLED"] = "false"
+    os.environ["LLM_COMPRESSOR_LOG_LEVEL"] = "ERROR"
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
