@@ -56,6 +56,19 @@ def test_inspect_reads_architecture_and_parameters_without_running_code(llama: P
     assert info.num_parameters == sum(p.numel() for p in LlamaForCausalLM.from_pretrained(str(folder)).parameters())
 
 
+def test_inspect_streams_a_tar_gz_and_refuses_a_damaged_header(tmp_path: Path) -> None:
+    import tarfile
+
+    folder = hf_models.tiny_llama_folder(tmp_path / "m", tokenizer=False)
+    archive = tmp_path / "m.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="tiny-llama")
+    assert inspect_model(archive, "hf").architecture == "LlamaForCausalLM"
+    (folder / "model.safetensors").write_bytes((2**40).to_bytes(8, "little") + b"{}")
+    with pytest.raises(EngineError, match="not a safetensors file"):
+        inspect_model(hf_models.zip_folder(folder, tmp_path / "bad.zip"), "hf")
+
+
 @pytest.mark.parametrize("change,message", [
     ({"auto_map": {"AutoModel": "evil.EvilModel"}}, "custom code"),
     ({"architectures": ["EvilModelForCausalLM"]}, "not a model class"),

@@ -42,12 +42,17 @@ def unpack(path: Path, scratch: Path) -> Path:
             raise EngineError(f"{path} is not a Hugging Face folder: it needs config.json and *.safetensors")
         return Path(path)
     dest = Path(tempfile.mkdtemp(prefix="hf-", dir=scratch))
-    files = archives.safe_extract(path, dest)
+    files = archives.safe_extract(path, dest, max_total_bytes=_extract_cap(path))
     configs = sorted((f for f in files if f.name == "config.json" and any(
         w.parent == f.parent and w.name.endswith(WEIGHT_SUFFIX) for w in files)), key=lambda f: len(f.parts))
     if not configs:
         raise EngineError("the archive has no config.json with *.safetensors weights next to it")
     return configs[0].parent
+
+
+def _extract_cap(path: Path) -> int:
+    """Safetensors hardly compress: twice the archive's size is room enough, and stops a deflate bomb."""
+    return max(archives.DEFAULT_MAX_TOTAL_BYTES, 2 * Path(path).stat().st_size)
 
 
 def read_config(folder: Path, *, quantized: bool = False) -> dict[str, Any]:
@@ -133,29 +138,48 @@ def output_specs(cls: type, config: dict[str, Any]) -> list[TensorSpec]:
     return [TensorSpec("last_hidden_state", "float32", ["batch", "sequence", hidden])]
 
 
-def _count_parameters(folder: Path) -> int:
-    """From the safetensors headers: JSON, read without loading a tensor."""
-    from safetensors import safe_open
+MAX_HEADER_BYTES = 100 * 1024**2  # safetensors' own limit on its JSON header
 
-    total = 0
-    for file in sorted(folder.glob(f"*{WEIGHT_SUFFIX}")):
-        try:
-            with safe_open(str(file), framework="np") as handle:
-                for key in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                    total += int(np.prod(handle.get_slice(key).get_shape()))
-        except Exception as exc:  # safetensors raises its own SafetensorError on damaged headers
-            raise EngineError(f"{file.name} is not a valid safetensors file: {exc}") from None
-    return total
+
+def _parameters_in_header(stream: archives.CountingReader, name: str) -> int:
+    """Elements of every tensor a safetensors file declares, from its JSON header alone."""
+    head = stream.read(8)
+    size = int.from_bytes(head, "little") if len(head) == 8 else 0
+    if not 0 < size <= MAX_HEADER_BYTES:
+        raise EngineError(f"{name} is not a safetensors file (bad header length)")
+    try:
+        header = json.loads(stream.read(size))
+        return sum(int(np.prod(entry["shape"])) for key, entry in header.items() if key != "__metadata__")
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise EngineError(f"{name} has a damaged safetensors header: {exc}") from None
+
+
+def _read_archive(path: Path, scratch: Path) -> tuple[Path, int]:
+    """config.json written under scratch and the parameter count, streaming the archive: the weights are
+    never written to disk, so validating a large model costs one read of it."""
+    folder, count, config_found = scratch / "model", 0, False
+    folder.mkdir()
+    for member, stream in archives.iter_files(path, max_total_bytes=_extract_cap(path)):
+        base = member.name.rsplit("/", 1)[-1]
+        if base == "config.json" and member.name.count("/") <= 1 and not config_found:
+            (folder / "config.json").write_bytes(stream.read(1024**2 + 1)[: 1024**2])
+            config_found = True
+        elif base.endswith(WEIGHT_SUFFIX):
+            count += _parameters_in_header(stream, member.name)
+        while stream.read(1024 * 1024):  # read to the end: a tar is sequential, and the byte caps count here
+            pass
+    if not config_found:
+        raise EngineError("the archive has no config.json with *.safetensors weights next to it")
+    return folder, count
 
 
 def inspect(path: Path) -> ModelInfo:
     import torch
 
     with tempfile.TemporaryDirectory(prefix="hf-inspect-") as scratch:
-        folder = unpack(Path(path), Path(scratch))
+        folder, num_parameters = _read_archive(Path(path), Path(scratch))
         config = read_config(folder)
         cls = model_class(config)
-        num_parameters = _count_parameters(folder)
         try:  # builds the module tree on the meta device: checks the config without reading weights
             from transformers import AutoConfig
 
