@@ -77,6 +77,20 @@ def _hf_tar_with_symlink(path: Path) -> Path:
     return path
 
 
+def _hf_with_custom_code(tmp: Path, marker: Path) -> Path:
+    """A real safetensors folder whose config asks transformers to import the upload's own evil.py."""
+    import json
+
+    from tests import hf_models
+
+    folder = hf_models.tiny_llama_folder(tmp / "custom-code", layers=1, tokenizer=False)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(architectures=["EvilLlama"], auto_map={"AutoModelForCausalLM": "evil.EvilLlama"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    return hf_models.zip_folder(folder, tmp / "custom-code.zip")
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, tuple[str, Path]]]:
     tmp = tmp_path_factory.mktemp("hostile")
@@ -106,6 +120,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, tu
         "npz arrays disagree in length": ("dataset", _zip(tmp / "len.npz", {"a.npy": _npy(np.zeros((5, 2), "f4")),
                                                                             "b.npy": _npy(np.zeros((4, 2), "f4"))})),
         "jsonl with bad utf-8": ("dataset", tmp / "bad.jsonl"),
+        "hf with custom code": ("model", _hf_with_custom_code(tmp, marker)),
     }
     (tmp / "bad.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
     return marker, files
@@ -127,6 +142,7 @@ def test_hostile_uploads_are_refused_and_never_executed(service: Service, corpus
         assert outcome in (400, 413, 415, 422, "invalid"), f"{name} was accepted: {outcome}"
         assert len(message) > 15, f"{name}: the message does not say what is wrong: {message!r}"
     assert "past" in outcomes["npz zip bomb"][1] or "larger" in outcomes["npz zip bomb"][1], outcomes["npz zip bomb"]
+    assert "custom code" in outcomes["hf with custom code"][1], outcomes["hf with custom code"]
     assert not marker.exists(), "a payload ran"
     store = service.data_dir.resolve()
     assert not (store.parent / "evil.npy").exists() and not (store / "evil.npy").exists()
