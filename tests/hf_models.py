@@ -51,16 +51,21 @@ def _tokenizer():  # noqa: ANN202 - PreTrainedTokenizerFast
                                    pad_token="<pad>")
 
 
-def tiny_llama_folder(folder: Path, *, hidden: int = 128, layers: int = 2, tokenizer: bool = True) -> Path:
-    """A LlamaForCausalLM (Linear widths 128/256, so group sizes 32-128 divide them) saved as safetensors."""
+def tiny_llama_folder(folder: Path, *, hidden: int = 128, layers: int = 2, tokenizer: bool = True,
+                      bf16_tied_gqa: bool = False) -> Path:
+    """A LlamaForCausalLM (Linear widths 128/256, so group sizes 32-128 divide them) saved as safetensors.
+
+    bf16_tied_gqa: stored in bfloat16, output head tied to the embedding, 2 key/value heads for 4 query
+    heads: how most small open LLMs ship."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=4, vocab_size=400, max_position_embeddings=256,
-                         tie_word_embeddings=False)
-    LlamaForCausalLM(config).eval().save_pretrained(str(folder))
+                         num_attention_heads=4, num_key_value_heads=2 if bf16_tied_gqa else 4, vocab_size=400,
+                         max_position_embeddings=256, tie_word_embeddings=bf16_tied_gqa)
+    model = LlamaForCausalLM(config).eval()
+    (model.to(torch.bfloat16) if bf16_tied_gqa else model).save_pretrained(str(folder))
     if tokenizer:
         _tokenizer().save_pretrained(str(folder))
     return folder

@@ -139,6 +139,16 @@ def test_int8_per_channel_is_more_faithful_than_int4(llama: Path, texts: Path, i
     assert int4.metrics["size"]["quantized_bytes"] < int8.metrics["size"]["quantized_bytes"]
 
 
+def test_bfloat16_model_with_a_tied_head_keeps_its_dtype(tmp_path: Path, texts: Path) -> None:
+    archive = hf_models.zip_folder(hf_models.tiny_llama_folder(tmp_path / "m", bf16_tied_gqa=True), tmp_path / "m.zip")
+    result = quantize(archive, "hf", "weight_only", {"dtype": "int4", "group_size": 32}, tmp_path / "w",
+                      evaluation_path=texts)
+    layers = {layer["name"]: layer for layer in result.metrics["layers"]}
+    assert (layers["lm_head"]["weight_dtype"], layers["lm_head"]["activation_dtype"]) == ("bfloat16", "bfloat16")
+    assert layers["model.layers.0.self_attn.k_proj"]["weight_dtype"] == "int4"  # 64 outputs: 2 kv heads
+    assert result.metrics["fidelity"]["cosine"] > 0.95 and result.metrics["perplexity"]["tokens"] > 100
+
+
 def test_exclude_keeps_matching_layers_float(llama: Path, tmp_path: Path) -> None:
     result = quantize(llama, "hf", "weight_only", {"dtype": "int4", "group_size": 64, "exclude": [r"layers\.1\.mlp"]},
                       tmp_path)

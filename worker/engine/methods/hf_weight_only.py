@@ -129,9 +129,13 @@ def _layers(float_model: torch.nn.Module, plan: Plan, dtype: str, sqnr: dict[str
     import torch
 
     quantized = set(plan.quantized())
-    return [{"name": name, "op": "Linear", "weight_dtype": dtype if name in quantized else "float32",
-             "activation_dtype": "float32", "sqnr_db": sqnr.get(name)}
-            for name, module in float_model.named_modules() if isinstance(module, torch.nn.Linear)]
+    rows = []
+    for name, module in float_model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            stored = str(module.weight.dtype).removeprefix("torch.")  # bfloat16 checkpoints stay bfloat16
+            rows.append({"name": name, "op": "Linear", "weight_dtype": dtype if name in quantized else stored,
+                         "activation_dtype": stored, "sqnr_db": sqnr.get(name)})
+    return rows
 
 
 def _notes(plan: Plan, config: WeightOnlyConfig, other_weights: list[str]) -> list[str]:
