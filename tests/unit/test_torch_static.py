@@ -6,6 +6,7 @@ switch pt2e_deliver.AOTI_ENV) and checks the portable `.pt2`; tests marked `slow
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401 - the int8 .pt2 uses q
 
 from tests import models
 from worker.engine import EngineError, quantize
-from worker.engine.methods.pt2e_deliver import AOTI_ENV
+from worker.engine.methods.pt2e_deliver import AOTI_ENV, rename_frozen_params, widen_single_channel_convs
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,22 @@ def test_pt2_static_is_under_030_of_float_and_keeps_top1(cnn_files: dict, pt2_re
     details = pt2_result.report["torch_export_static"]
     assert details["activation_observer"] == "MinMaxObserver" and details["aoti"] == {"skipped": f"{AOTI_ENV}=0"}
     assert details["pt2"]["int8_bytes"] > 10 * details["pt2"]["float_bytes"]
+
+
+def test_aoti_rewrites_keep_the_int8_programs_numbers(pt2_result) -> None:  # noqa: ANN001
+    """What the AOTI package is built from: weights renamed away from Inductor's `_frozen_paramN`, the
+    1-channel conv widened with a zero channel (a dynamic batch plus a 1-channel conv miscompiled)."""
+    (artifact,) = pt2_result.artifacts
+    module = torch.export.load(str(artifact.path)).module()
+    x = torch.from_numpy(models.digits_data()[2])
+    with torch.no_grad():
+        reference = module(x)
+        assert rename_frozen_params(module) == 3
+        assert len(widen_single_channel_convs(module)) == 1
+        rewritten = module(x)
+    assert not [n for n in module.graph.nodes if n.op == "get_attr" and "_frozen_param" in str(n.target)]
+    assert torch.allclose(rewritten, reference, atol=1e-5)
+    assert torch.export.export(module, (x[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
 
 
 def test_torchscript_static_quantizes_every_layer_and_keeps_top1(cnn_files: dict, data: dict, tmp_path: Path) -> None:
@@ -164,4 +181,11 @@ def test_pt2_static_delivers_a_fast_aoti_package_that_matches_float(cnn_files: d
     assert details["aoti"]["error"] is None and details["aoti"]["compile_s"] > 0
     # the fast deliverable is faster than the portable program, which runs Q/DQ around float kernels
     assert latency["quantized_ms_p50"] < details["pt2"]["latency"]["quantized_ms_p50"]
-    assert set(details["aoti"]["vs_float_compiled"]) >= {"float_aoti_ms_p50", "int8_aoti_ms_p50", "speedup"}
+    assert set(details["aoti"]["vs_float_compiled"]) >= {"baseline", "float_aoti_ms_p50", "int8_aoti_ms_p50",
+                                                         "speedup"}
+    # the package runs oneDNN int8 convs: with freezing skipped (grad on) it dequantized weights per call
+    assert details["aoti"]["inductor_configs"]["freezing"] and details["aoti"]["widened_single_channel_convs"] == [
+        "conv1"]
+    with zipfile.ZipFile(package.path) as archive:
+        code = "".join(archive.read(n).decode() for n in archive.namelist() if n.endswith("wrapper.cpp"))
+    assert code.count("qconv_pointwise") >= 2 and "dequantize_per_channel" not in code
