@@ -73,6 +73,20 @@ def tiny_llama_folder(folder: Path, *, hidden: int = 128, layers: int = 2, token
     return folder
 
 
+def tiny_bert_classifier_zip(tmp: Path) -> Path:
+    """A two-class BertForSequenceClassification with the same tokenizer, zipped."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=400, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=256, num_labels=2)
+    folder = tmp / "tiny-bert"
+    BertForSequenceClassification(config).eval().save_pretrained(str(folder))
+    _tokenizer().save_pretrained(str(folder))
+    return zip_folder(folder, tmp / "tiny-bert.zip")
+
+
 def zip_folder(folder: Path, archive: Path) -> Path:
     with zipfile.ZipFile(archive, "w") as zf:
         for item in sorted(Path(folder).rglob("*")):

@@ -149,6 +149,17 @@ def test_bfloat16_model_with_a_tied_head_keeps_its_dtype(tmp_path: Path, texts: 
     assert result.metrics["fidelity"]["cosine"] > 0.95 and result.metrics["perplexity"]["tokens"] > 100
 
 
+def test_a_classifier_with_labelled_texts_gets_accuracy(tmp_path: Path) -> None:
+    labelled = hf_models.write_text_dataset(tmp_path / "labelled.jsonl", 16, labels=True)
+    archive = hf_models.tiny_bert_classifier_zip(tmp_path)
+    assert inspect_model(archive, "hf").outputs[0].shape == ["batch", "labels"]
+    result = quantize(archive, "hf", "weight_only", {"dtype": "int8", "granularity": "per_channel"},
+                      tmp_path / "w", evaluation_path=labelled)
+    metrics = result.metrics
+    assert metrics["accuracy"]["metric"] == "top1" and metrics["fidelity"]["top1_agreement"] >= 0.9
+    assert metrics["perplexity"] is None  # not a language model: nothing to say about it
+
+
 def test_exclude_keeps_matching_layers_float(llama: Path, tmp_path: Path) -> None:
     result = quantize(llama, "hf", "weight_only", {"dtype": "int4", "group_size": 64, "exclude": [r"layers\.1\.mlp"]},
                       tmp_path)
