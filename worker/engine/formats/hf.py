@@ -109,7 +109,23 @@ def load_model(folder: Path, *, device: str = "cpu", quantized: bool = False) ->
                                     local_files_only=True, **options)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
         raise EngineError(f"transformers could not load the model: {type(exc).__name__}: {str(exc)[:400]}") from None
+    if quantized:
+        skip_requantization(model)
     return model.to(device).eval()
+
+
+def skip_requantization(model: PreTrainedModel) -> int:
+    """Give unpacked layers their plain torch forward back. Returns how many layers it changed.
+
+    compressed-tensors wraps each layer's forward to re-quantize its weights on every call. After
+    dequantize=True the weights already hold exactly the dequantized integers, so that rounding changes
+    nothing, and the wrapper cost 0.75-0.9x of float speed here."""
+    count = 0
+    for module in model.modules():
+        if getattr(module, "quantization_scheme", None) is not None and "forward" in vars(module):
+            del module.forward  # the instance attribute shadowed the class's forward
+            count += 1
+    return count
 
 
 def load_tokenizer(folder: Path):  # noqa: ANN201 - a transformers tokenizer
