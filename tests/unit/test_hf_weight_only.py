@@ -114,6 +114,19 @@ def test_int4_checkpoint_is_packed_smaller_and_reloads_close_to_float(int4, llam
     assert not torch.equal(f, q)
 
 
+def test_the_reports_loader_snippet_runs(int4, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (artifact,) = int4.artifacts
+    _unzip(artifact.path, tmp_path / artifact.filename.removesuffix(".zip"))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(int4.report["loader"], namespace)  # our own generated snippet, as a user would paste it
+    model = namespace["model"]
+    assert not any("forward" in vars(m) for m in model.modules() if getattr(m, "quantization_scheme", None))
+    ids = torch.from_numpy(np.random.default_rng(2).integers(0, 400, size=(1, 12)))
+    with torch.inference_mode():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
 def test_int4_metrics_say_what_was_done(int4) -> None:
     metrics = int4.metrics
     assert metrics["size"]["ratio"] < 0.5  # embeddings and the head stay float; every Linear is int4
