@@ -163,6 +163,7 @@ def _other_weights(model: torch.nn.Module) -> list[str]:
 
 def run(ctx: JobContext) -> QuantizeResult:
     """Quantize the Linear weights of an `hf` model to int4/int8 and deliver a compressed-tensors folder."""
+    import compressed_tensors
     import torch
     import transformers
 
@@ -199,8 +200,6 @@ def run(ctx: JobContext) -> QuantizeResult:
 
     sqnr = hf_measure.layer_sqnr(float_model, quant_model, set(plan.quantized()), samples.batches)
     layers = _layers(float_model, plan, config.dtype, sqnr)
-    import compressed_tensors
-
     metrics = evaluate.measure(
         ctx, hf_format.runner_for_model(float_model), hf_format.runner_for_model(quant_model), samples,
         original_bytes=hf_format.weights_bytes(folder), quantized_bytes=hf_format.weights_bytes(out_dir),
@@ -234,9 +233,10 @@ def _loader_snippet(model: torch.nn.Module, filename: str) -> str:
     cls = type(model).__name__
     return (f"# unzip {filename} -d {folder}; needs transformers and compressed-tensors\n"
             f"from transformers import {cls}, CompressedTensorsConfig\n"
-            f"model = {cls}.from_pretrained(\"{folder}\")  # on a GPU\n"
+            f"# on a GPU: model = {cls}.from_pretrained(\"{folder}\")\n"
+            f"# on a CPU: weights unpacked once at load, then\n"
             f"model = {cls}.from_pretrained(\"{folder}\", "
-            f"quantization_config=CompressedTensorsConfig(dequantize=True))  # on a CPU: unpacked once, then\n"
+            f"quantization_config=CompressedTensorsConfig(dequantize=True))\n"
             f"for module in model.modules():  # the weights are exact now: drop the per-call re-quantizing\n"
             f"    if getattr(module, \"quantization_scheme\", None) is not None and \"forward\" in vars(module):\n"
             f"        del module.forward\n"
