@@ -86,14 +86,9 @@ def resolve_input_specs(ctx: JobContext, inputs: list[TensorSpec]) -> list[Tenso
 
 def run(ctx: JobContext) -> QuantizeResult:
     """Quantize a TorchScript model's Linear layers to int8 weights with per-call int8 activations."""
-    import torch
-
-    from worker.engine.methods import ts_layer_sqnr
-
     config: DynamicConfig = ctx.config
     ctx.progress("loading", 0.02)
     original = ts_format.load_module(ctx.model_path)
-    input_names = [s.name for s in ts_format.input_specs(original)]
     inputs = resolve_input_specs(ctx, ts_format.input_specs(original))
     samples = evaluate.load_samples(ctx, inputs)  # fail on a bad dataset before any work
 
@@ -122,16 +117,29 @@ def run(ctx: JobContext) -> QuantizeResult:
                      f"quantize_dynamic_jit quantizes Linear only ({', '.join(n for n, _ in stays_float)}); "
                      "export the model with torch.export for broader coverage")
 
+    return deliver(ctx, original, quantized, layers_found, set(linears), inputs, samples, notes, "torchscript_dynamic",
+                   {"quantized_linear_ops": n_int8, "kept_float": sorted(excluded)})
+
+
+def deliver(ctx: JobContext, original: torch.jit.ScriptModule, quantized: torch.jit.ScriptModule,
+            found: list[tuple[str, str]], int8: set[str], inputs: list[TensorSpec], samples: evaluate.Samples,
+            notes: list[str], details_key: str, details: dict) -> QuantizeResult:
+    """Save the quantized module, measure the saved file against the float one, and build the result.
+
+    Shared by the dynamic and static TorchScript methods; `found` lists (layer, type), `int8` the
+    layers whose weights were quantized."""
+    import torch
+
+    from worker.engine.methods import ts_layer_sqnr
+
     output = ctx.work_dir / f"{ctx.model_name}.int8.pt"
     ctx.progress("packaging", 0.60)
     torch.jit.save(quantized, str(output))
-    layers = [{"name": n, "op": kind,
-               "weight_dtype": "int8" if kind == _LINEAR and n in linears else "float32",
-               "activation_dtype": "uint8" if kind == _LINEAR and n in linears else "float32",
-               "sqnr_db": None} for n, kind in layers_found]
+    layers = [{"name": n, "op": kind, "weight_dtype": "int8" if n in int8 else "float32",
+               "activation_dtype": "uint8" if n in int8 else "float32", "sqnr_db": None} for n, kind in found]
     ts_layer_sqnr.fill(ctx, layers, original, quantized, inputs, samples)
     del quantized
-    float_runner = ts_format.runner_for_module(original, input_names, threads=1)
+    float_runner = ts_format.runner_for_module(original, [s.name for s in inputs], threads=1)
     quant_runner = ts_format.load_runner(output, threads=1)  # measure the saved file, not the object
 
     engine = torch.backends.quantized.engine
@@ -145,6 +153,5 @@ def run(ctx: JobContext) -> QuantizeResult:
         artifacts=[ArtifactFile(kind="model", path=output, filename=output.name, format="torchscript")],
         metrics=metrics,
         report={"versions": report.runtime_versions(), "host": report.host_info(),
-                "torchscript_dynamic": {"quantized_linear_ops": n_int8, "kept_float": sorted(excluded),
-                                        "quantized_engine": engine}},
+                details_key: {**details, "quantized_engine": engine}},
     )

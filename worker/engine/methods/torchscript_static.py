@@ -18,10 +18,9 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from worker.engine import evaluate, report
+from worker.engine import evaluate
 from worker.engine.formats import torchscript as ts_format
 from worker.engine.methods.torch_export_static import (
     CALIBRATION_BATCH,
@@ -29,8 +28,8 @@ from worker.engine.methods.torch_export_static import (
     calibration_samples,
     excluded_layers,
 )
-from worker.engine.methods.torchscript_dynamic import resolve_input_specs
-from worker.engine.types import ArtifactFile, EngineError, QuantizeResult
+from worker.engine.methods.torchscript_dynamic import deliver, resolve_input_specs
+from worker.engine.types import EngineError, QuantizeResult
 
 if TYPE_CHECKING:
     import torch
@@ -90,12 +89,9 @@ def run(ctx: JobContext) -> QuantizeResult:
     """Quantize a TorchScript model's convolutions and Linear layers to int8 with calibrated activations."""
     import torch
 
-    from worker.engine.methods import ts_layer_sqnr
-
     config: StaticConfig = ctx.config
     ctx.progress("loading", 0.02)
     original = ts_format.load_module(ctx.model_path)
-    input_names = [s.name for s in ts_format.input_specs(original)]
     inputs = resolve_input_specs(ctx, ts_format.input_specs(original))
     samples = evaluate.load_samples(ctx, inputs)  # fail on a bad dataset before any work
     calibration = calibration_samples(ctx, inputs, config.calibration.num_samples)
@@ -143,31 +139,8 @@ def run(ctx: JobContext) -> QuantizeResult:
         notes.append(f"{len(stays_float)} layer(s) stayed float ({', '.join(n for n, _ in stays_float[:10])}): "
                      "TorchScript static quantizes convolutions and Linear only")
 
-    output = ctx.work_dir / f"{ctx.model_name}.int8.pt"
-    ctx.progress("packaging", 0.60)
-    torch.jit.save(quantized, str(output))
     int8 = set(quantizable) if n_int8 >= len(quantizable) else set()
-    layers = [{"name": n, "op": kind, "weight_dtype": "int8" if n in int8 else "float32",
-               "activation_dtype": "uint8" if n in int8 else "float32", "sqnr_db": None} for n, kind in found]
-    ts_layer_sqnr.fill(ctx, layers, original, quantized, inputs, samples)
-    del quantized
-    float_runner = ts_format.runner_for_module(original, input_names, threads=1)
-    quant_runner = ts_format.load_runner(output, threads=1)  # measure the saved file, not the object
-
-    engine = torch.backends.quantized.engine
-    metrics = evaluate.measure(
-        ctx, float_runner, quant_runner, samples,
-        original_bytes=Path(ctx.model_path).stat().st_size, quantized_bytes=output.stat().st_size,
-        runtime=f"torch {torch.__version__} (TorchScript, {engine})", layers=layers, extra_warnings=notes,
-    )
-    ctx.progress("done", 1.0)
-    return QuantizeResult(
-        artifacts=[ArtifactFile(kind="model", path=output, filename=output.name, format="torchscript")],
-        metrics=metrics,
-        report={"versions": report.runtime_versions(), "host": report.host_info(),
-                "torchscript_static": {"quantized_ops": n_int8, "kept_float": sorted(excluded),
-                                       "quantized_engine": engine, "calibration_samples": len(calibration),
-                                       "activation_observer": f"{_ALGORITHMS[config.calibration.algorithm]} "
-                                                              "(reduce_range)",
-                                       "granularity": config.granularity}},
-    )
+    return deliver(ctx, original, quantized, found, int8, inputs, samples, notes, "torchscript_static",
+                   {"quantized_ops": n_int8, "kept_float": sorted(excluded), "calibration_samples": len(calibration),
+                    "activation_observer": f"{_ALGORITHMS[config.calibration.algorithm]} (reduce_range)",
+                    "granularity": config.granularity})
