@@ -15,6 +15,8 @@ from worker.engine.types import EngineError, ModelFormat, ModelInfo, TensorSpec
 if TYPE_CHECKING:
     import onnx
 
+    from worker.engine import JobContext, evaluate
+
 Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 
 # Ops whose weights a quantizer can touch, and which inputs hold those weights.
@@ -133,6 +135,19 @@ class WeightNode:
     weights: tuple[str, ...]  # initializer names
     layer: str  # module path when the exporter recorded it ("blocks.0.q"), else the node name
     elements: int  # total weight elements
+
+
+def measure_files(ctx: JobContext, float_path: Path, quant_path: Path, samples: evaluate.Samples, *,
+                  original_bytes: int, layers: list[dict], warnings: list[str]) -> dict:
+    """evaluate.measure of a quantized .onnx file against the float one, each in a one-thread session."""
+    import onnxruntime
+
+    from worker.engine import evaluate
+
+    return evaluate.measure(
+        ctx, load_runner(float_path, threads=1), load_runner(quant_path, threads=1), samples,
+        original_bytes=original_bytes, quantized_bytes=Path(quant_path).stat().st_size,
+        runtime=f"onnxruntime {onnxruntime.__version__}", layers=layers, extra_warnings=warnings)
 
 
 def layer_name(node: onnx.NodeProto, weights: tuple[str, ...] = ()) -> str:

@@ -261,7 +261,6 @@ def _cosine(reference: list[list[np.ndarray]], path: Path, batches: list[dict[st
 def run(ctx: JobContext) -> QuantizeResult:
     """Quantize an ONNX model's MatMul/Gemm/LSTM/Gather/Attention weights to int8, activations per call."""
     import onnx
-    import onnxruntime
 
     config: DynamicConfig = ctx.config
     ctx.progress("preparing", 0.02)
@@ -336,13 +335,8 @@ def run(ctx: JobContext) -> QuantizeResult:
                     "smoothed": [n.layer for n in nodes if n.node in smoothed]}
     warnings += _coverage_warnings(model, quantized, layers, excluded)
 
-    runner_float = onnx_format.load_runner(model_path, threads=1)
-    runner_quant = onnx_format.load_runner(output, threads=1)
-    metrics = evaluate.measure(
-        ctx, runner_float, runner_quant, samples,
-        original_bytes=original_bytes, quantized_bytes=output.stat().st_size,
-        runtime=f"onnxruntime {onnxruntime.__version__}", layers=layers, extra_warnings=warnings,
-    )
+    metrics = onnx_format.measure_files(ctx, model_path, output, samples, original_bytes=original_bytes,
+                                        layers=layers, warnings=warnings)
     ctx.progress("done", 1.0)
     return QuantizeResult(
         artifacts=[ArtifactFile(kind="model", path=output, filename=output.name, format="onnx")],

@@ -155,7 +155,6 @@ def _retry_if_collapsed(ctx: JobContext, quantize: Any, output: Path, scratch: P
 def run(ctx: JobContext) -> QuantizeResult:
     """Quantize an ONNX model's weights and activations to int8 with ranges calibrated on ctx's samples."""
     import onnx
-    import onnxruntime
     from onnxruntime.quantization.calibrate import save_tensors_data
 
     config: StaticConfig = ctx.config
@@ -233,13 +232,8 @@ def run(ctx: JobContext) -> QuantizeResult:
 
     layers = layers_mod.layer_table(nodes, quantized, sqnr)
     warnings += layers_mod.coverage_warnings(model, quantized, layers, by_config)
-    runner_float = onnx_format.load_runner(model_path, threads=1)
-    runner_quant = onnx_format.load_runner(output, threads=1)
-    metrics = evaluate.measure(
-        ctx, runner_float, runner_quant, samples,
-        original_bytes=original_bytes, quantized_bytes=output.stat().st_size,
-        runtime=f"onnxruntime {onnxruntime.__version__}", layers=layers, extra_warnings=warnings,
-    )
+    metrics = onnx_format.measure_files(ctx, model_path, output, samples, original_bytes=original_bytes,
+                                        layers=layers, warnings=warnings)
     ctx.progress("done", 1.0)
     summary.update({
         "pre_processed": prepared != model_path, "format": "QDQ", "calibration_method": method,

@@ -180,7 +180,6 @@ def _layer_sqnr(ctx: JobContext, original: onnx.ModelProto, quantized: onnx.Mode
 def run(ctx: JobContext) -> QuantizeResult:
     """Quantize an ONNX model's MatMul (and Gemm) weights and embedding tables to int4/int8 blocks."""
     import onnx
-    import onnxruntime
 
     config: WeightOnlyConfig = ctx.config
     started = time.monotonic()
@@ -224,11 +223,8 @@ def run(ctx: JobContext) -> QuantizeResult:
     quantize_s = time.monotonic() - started
 
     layers = _layers(nodes, original, quantized, sqnr)
-    metrics = evaluate.measure(
-        ctx, onnx_format.load_runner(model_path, threads=1), onnx_format.load_runner(output, threads=1), samples,
-        original_bytes=original_bytes, quantized_bytes=output.stat().st_size,
-        runtime=f"onnxruntime {onnxruntime.__version__}", layers=layers, extra_warnings=warnings,
-    )
+    metrics = onnx_format.measure_files(ctx, model_path, output, samples, original_bytes=original_bytes,
+                                        layers=layers, warnings=warnings)
     if config.algorithm == "hqq" and metrics["latency"]["speedup"] < 1.0:
         # measured: HQQ 0.25x, rtn 1.2x on the same d256 encoder (HQQ writes float zero points)
         metrics["warnings"].append("HQQ stores float zero points, which onnxruntime's CPU MatMulNBits runs "
