@@ -25,6 +25,7 @@ class TensorSpecPublic(BaseModel):
     name: str
     dtype: str
     shape: list[int | str]
+    optional: bool = False
 
 
 class ModelPublic(BaseModel):

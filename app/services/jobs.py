@@ -153,10 +153,8 @@ def dataset_mismatch(model: Model, dataset: Dataset) -> str | None:
     """Why a dataset cannot feed a model (names, dtypes, trailing shapes), or None if it can."""
     if dataset.kind == "text":
         return None if model.format == "hf" else f"a text dataset needs an hf model, this one is {model.format}"
-    inputs = model.inputs or []
-    if model.format == "hf":  # attention_mask is optional: all ones when the dataset has none
-        inputs = [i for i in inputs if i["name"] != "attention_mask" or "attention_mask" in (dataset.arrays or {})]
     arrays = {k: v for k, v in (dataset.arrays or {}).items() if k != "labels"}
+    inputs = [i for i in model.inputs or [] if not i.get("optional") or i["name"] in arrays]
     if len(inputs) == 1 and len(arrays) == 1:
         pairs = [(inputs[0], next(iter(arrays.items())))]
     else:

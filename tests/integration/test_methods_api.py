@@ -137,6 +137,7 @@ def test_hf_weight_only_int4_with_a_text_dataset_through_the_api(service: Servic
     model = upload_model(client, hf_models.tiny_llama_zip(tmp_path))
     assert (model["status"], model["format"], model["architecture"]) == ("ready", "hf", "LlamaForCausalLM"), model
     assert [i["name"] for i in model["inputs"]] == ["input_ids", "attention_mask"]
+    assert [i["optional"] for i in model["inputs"]] == [False, True]
     texts = upload_dataset(client, hf_models.write_text_dataset(tmp_path / "texts.jsonl", 16))
     assert (texts["status"], texts["kind"], texts["num_samples"]) == ("ready", "text", 16), texts
 

@@ -197,6 +197,15 @@ def test_gptq_needs_calibration_and_uses_it(llama: Path, texts: Path, tmp_path: 
     assert result.metrics["fidelity"]["cosine"] > 0.95
 
 
+def test_an_npz_of_input_ids_alone_is_enough(llama: Path, tmp_path: Path) -> None:
+    ids = np.random.default_rng(3).integers(0, 400, size=(6, 20)).astype(np.int64)
+    tokens = tmp_path / "tokens.npz"
+    np.savez(tokens, input_ids=ids)  # attention_mask is optional: all ones
+    result = quantize(llama, "hf", "weight_only", {"dtype": "int8"}, tmp_path / "w", evaluation_path=tokens)
+    assert result.metrics["fidelity"]["source"] == "evaluation" and result.metrics["fidelity"]["samples"] == 6
+    assert result.metrics["perplexity"]["tokens"] == 6 * 19
+
+
 def test_a_text_dataset_needs_the_tokenizer(tmp_path: Path, texts: Path) -> None:
     archive = hf_models.zip_folder(hf_models.tiny_llama_folder(tmp_path / "m", tokenizer=False), tmp_path / "m.zip")
     with pytest.raises(EngineError, match="no tokenizer files") as caught:

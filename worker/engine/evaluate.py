@@ -60,6 +60,7 @@ def load_npz(path: Path, inputs: list[TensorSpec], max_samples: int, source: str
         raise EngineError(f"the {source} dataset is not a readable .npz of plain arrays: {exc}",
                           code="dataset_mismatch") from exc
     labels = arrays.pop("labels", None)
+    inputs = [s for s in inputs if not s.optional or s.name in arrays]
     if len(inputs) == 1 and len(arrays) == 1:
         pairs = [(inputs[0], *next(iter(arrays.items())))]  # one array for a one-input model, any name
     else:

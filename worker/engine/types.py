@@ -59,9 +59,10 @@ class TensorSpec:
     name: str
     dtype: str  # numpy-style name: float32, int64, ...
     shape: list[int | str]  # str for a symbolic dimension ("batch")
+    optional: bool = False  # the model runs without it (a dataset may leave it out)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "optional": self.optional}
 
 
 @dataclass(frozen=True)

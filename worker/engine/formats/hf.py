@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 
 INPUTS = [TensorSpec("input_ids", "int64", ["batch", "sequence"]),
-          TensorSpec("attention_mask", "int64", ["batch", "sequence"])]
+          TensorSpec("attention_mask", "int64", ["batch", "sequence"], optional=True)]  # else all ones
 WEIGHT_SUFFIX = ".safetensors"
 # Files that describe the weights and are rewritten by save_pretrained; everything else (tokenizer,
 # generation config, README) is copied to the quantized folder as it was.

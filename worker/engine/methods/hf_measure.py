@@ -38,10 +38,7 @@ def _is_npz(path: Path) -> bool:
 
 def _npz_samples(path: Path, limit: int, source: str) -> evaluate.Samples:
     """input_ids, and attention_mask when the dataset has one (else all ones)."""
-    with np.load(str(path), allow_pickle=False) as archive:
-        names = set(archive.files)
-    inputs = hf_format.INPUTS if "attention_mask" in names else hf_format.INPUTS[:1]
-    found = evaluate.load_npz(path, inputs, limit, source)
+    found = evaluate.load_npz(path, hf_format.INPUTS, limit, source)
     for feed in found.batches:
         feed.setdefault("attention_mask", np.ones_like(feed["input_ids"]))
     return found
