@@ -11,6 +11,7 @@ measured here is float-like; the report says so.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
@@ -180,7 +181,7 @@ def run(ctx: JobContext) -> QuantizeResult:
                           "(all excluded, or the architecture uses other layer types)", code="nothing_to_quantize")
 
     ctx.progress("quantizing", 0.10)
-    model = hf_format.load_model(folder)  # the copy llm-compressor rewrites in place
+    model = copy.deepcopy(float_model)  # llm-compressor rewrites it in place; the float one stays the reference
     try:
         _quantize(ctx, model, plan, tokenizer)
     except EngineError:
