@@ -227,11 +227,3 @@ def runner_for_model(model: PreTrainedModel) -> Runner:
 
     return run
 
-
-def load_runner(path: Path, threads: int | None = 1) -> Runner:
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    scratch = Path(tempfile.mkdtemp(prefix="hf-run-"))
-    return runner_for_model(load_model(unpack(Path(path), scratch)))

@@ -16,7 +16,7 @@ _MODULES = {
 
 
 def for_format(fmt: ModelFormat | str) -> ModuleType:
-    """The format module, with `inspect(path) -> ModelInfo` and `load_runner(path, threads) -> Runner`."""
+    """The format module, with `inspect(path) -> ModelInfo` (validation runs through it)."""
     try:
         fmt = ModelFormat(fmt)
     except ValueError:
