@@ -12,6 +12,9 @@ from worker.engine.formats import torch_export as pt2_format
 from worker.engine.types import ArtifactFile, EngineError, QuantizeResult, TensorSpec
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
     import torch
 
     from worker.engine import JobContext
@@ -168,11 +171,36 @@ def _coverage_notes(found: list[tuple[str, str, Any]], int8_paths: set[str], exc
     return notes
 
 
+def measure_saved(ctx: JobContext, quantized: torch.export.ExportedProgram, output: Path,
+                  float_module: torch.nn.Module, lowered_module: torch.nn.Module, found: list,
+                  dtypes: Callable[[str, str], tuple[str, str]], specs: list[TensorSpec],
+                  samples: evaluate.Samples, runtime: str, notes: list[str]) -> dict:
+    """Save the program, reload it, and measure it against the float module, with one row per layer.
+
+    Shared by the dynamic and weight-only methods; dtypes(path, kind) gives (weight, activation) dtypes."""
+    from worker.engine.methods import pt2_layer_sqnr
+
+    ctx.progress("packaging", 0.55)
+    names = [s.name for s in specs]
+    quant_runner, original_bytes, quantized_bytes = pt2_format.save_and_reload(quantized, output, ctx.model_path,
+                                                                               names, ctx.log)
+    float_runner = pt2_format.runner_for_module(float_module, names, threads=1)
+    layers, seen = [], set()
+    for path, kind, _ in found:
+        if path not in seen:
+            seen.add(path)
+            weight, activation = dtypes(path, kind)
+            layers.append({"name": path, "op": kind, "weight_dtype": weight, "activation_dtype": activation,
+                           "sqnr_db": None})
+    pt2_layer_sqnr.fill(ctx, layers, float_module, lowered_module, specs, samples)
+    return evaluate.measure(ctx, float_runner, quant_runner, samples, original_bytes=original_bytes,
+                            quantized_bytes=quantized_bytes, runtime=runtime, layers=layers, extra_warnings=notes)
+
+
 def run(ctx: JobContext) -> QuantizeResult:
     """Quantize a `.pt2` program's Linear layers to int8 weights with int8 activations computed per call."""
     import torch
 
-    from worker.engine.methods import pt2_layer_sqnr
 
     config: DynamicConfig = ctx.config
     ctx.progress("loading", 0.02)
@@ -204,26 +232,14 @@ def run(ctx: JobContext) -> QuantizeResult:
                           "program", code="nothing_to_quantize")
     notes += _coverage_notes(found, int8_paths, excluded)
     output = ctx.work_dir / f"{ctx.model_name}.int8.pt2"
-    ctx.progress("packaging", 0.55)
-    names = [s.name for s in specs]
-    quant_runner, original_bytes, quantized_bytes = pt2_format.save_and_reload(quantized, output, ctx.model_path,
-                                                                               names, ctx.log)
-    float_runner = pt2_format.runner_for_module(float_module, names, threads=1)
 
-    layers, seen = [], set()
-    for path, kind, _ in found:
-        if path in seen:
-            continue
-        seen.add(path)
-        int8 = path in int8_paths and kind in ("Linear", "Embedding")
-        layers.append({"name": path, "op": kind,
-                       "weight_dtype": ("int8" if kind == "Linear" else "uint8") if int8 else "float32",
-                       "activation_dtype": "int8" if int8 and kind == "Linear" else "float32", "sqnr_db": None})
-    pt2_layer_sqnr.fill(ctx, layers, float_module, lowered_module, specs, samples)
-    metrics = evaluate.measure(
-        ctx, float_runner, quant_runner, samples, original_bytes=original_bytes, quantized_bytes=quantized_bytes,
-        runtime=f"torch {torch.__version__} (eager)", layers=layers, extra_warnings=notes,
-    )
+    def dtypes(path: str, kind: str) -> tuple[str, str]:
+        if path not in int8_paths or kind not in ("Linear", "Embedding"):
+            return "float32", "float32"
+        return ("int8", "int8") if kind == "Linear" else ("uint8", "float32")
+
+    metrics = measure_saved(ctx, quantized, output, float_module, lowered_module, found, dtypes, specs, samples,
+                            f"torch {torch.__version__} (eager)", notes)
     ctx.progress("done", 1.0)
     return QuantizeResult(
         artifacts=[ArtifactFile(kind="model", path=output, filename=output.name, format="torch_export")],

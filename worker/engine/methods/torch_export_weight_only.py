@@ -209,7 +209,6 @@ def run(ctx: JobContext) -> QuantizeResult:
     """Store a `.pt2` program's Linear and Embedding weights as int8 or int4 (RTN, torchao)."""
     import torch
 
-    from worker.engine.methods import pt2_layer_sqnr
 
     config: WeightOnlyConfig = ctx.config
     if config.algorithm != "rtn":
@@ -221,7 +220,7 @@ def run(ctx: JobContext) -> QuantizeResult:
     samples = evaluate.load_samples(ctx, specs)  # fail on a bad dataset before any work
 
     float_module = program.module()
-    from worker.engine.methods.torch_export_dynamic import _weight_layers
+    from worker.engine.methods.torch_export_dynamic import _weight_layers, measure_saved
 
     found = _weight_layers(float_module)
     regexes = [re.compile(p) for p in config.exclude]
@@ -250,24 +249,9 @@ def run(ctx: JobContext) -> QuantizeResult:
     if excluded:
         notes.append(f"kept float as asked (exclude): {', '.join(sorted(excluded)[:10])}")
     output = ctx.work_dir / f"{ctx.model_name}.{config.dtype}.pt2"
-    ctx.progress("packaging", 0.55)
-    names = [s.name for s in specs]
-    quant_runner, original_bytes, quantized_bytes = pt2_format.save_and_reload(quantized, output, ctx.model_path,
-                                                                               names, ctx.log)
-    float_runner = pt2_format.runner_for_module(float_module, names, threads=1)
-
-    layers, seen = [], set()
-    for path, kind, _ in found:
-        if path in seen:
-            continue
-        seen.add(path)
-        layers.append({"name": path, "op": kind, "weight_dtype": done.get(path, "float32"),
-                       "activation_dtype": "float32", "sqnr_db": None})
-    pt2_layer_sqnr.fill(ctx, layers, float_module, lowered_module, specs, samples)
-    metrics = evaluate.measure(
-        ctx, float_runner, quant_runner, samples, original_bytes=original_bytes, quantized_bytes=quantized_bytes,
-        runtime=f"torch {torch.__version__} (eager, torchao)", layers=layers, extra_warnings=notes,
-    )
+    metrics = measure_saved(ctx, quantized, output, float_module, lowered_module, found,
+                            lambda path, _kind: (done.get(path, "float32"), "float32"), specs, samples,
+                            f"torch {torch.__version__} (eager, torchao)", notes)
     ctx.progress("done", 1.0)
     group = "per_channel" if config.granularity == "per_channel" or config.group_size == -1 else config.group_size
     return QuantizeResult(
