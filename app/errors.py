@@ -30,58 +30,67 @@ class QuantserveError(Exception):
         self.extra = extra
 
 
-class BadRequest(QuantserveError):
+class BadRequestError(QuantserveError):
     status, code, title, slug = 400, "bad_request", "Request is malformed", "bad-request"
 
 
-class Unauthorized(QuantserveError):
+class UnauthorizedError(QuantserveError):
     status, code, title, slug = 401, "unauthorized", "Authentication required", "unauthorized"
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
 
 
-class NotFound(QuantserveError):
+class NotFoundError(QuantserveError):
     status, code, title, slug = 404, "not_found", "Not found", "not-found"
 
 
-class Conflict(QuantserveError):
+class ConflictError(QuantserveError):
     status, code, title, slug = 409, "conflict", "Conflict", "conflict"
 
 
-class TooLarge(QuantserveError):
+class PayloadTooLargeError(QuantserveError):
     status, code, title, slug = 413, "too_large", "Body too large", "too-large"
 
 
-class UnsupportedFormat(QuantserveError):
+class UnsupportedFormatError(QuantserveError):
     status, code, title, slug = 415, "unsupported_format", "Unsupported format", "unsupported-format"
 
 
-class RangeNotSatisfiable(QuantserveError):
+class RangeNotSatisfiableError(QuantserveError):
     status, code, title, slug = 416, "range_not_satisfiable", "Range not satisfiable", "range"
 
 
-class ValidationFailed(QuantserveError):
+class ValidationFailedError(QuantserveError):
     status, code, title, slug = 422, "validation_error", "Request is not valid", "validation"
 
 
-class UnsupportedMethodError(ValidationFailed):
+class UnsupportedMethodError(ValidationFailedError):
     code, title, slug = "unsupported_method", "Method not supported for this model", "unsupported-method"
 
 
-class ModelNotReady(ValidationFailed):
+class ModelNotReadyError(ValidationFailedError):
     code, title, slug = "model_not_ready", "Model is not ready", "model-not-ready"
 
 
-class DatasetMismatch(ValidationFailed):
+class DatasetMismatchError(ValidationFailedError):
     code, title, slug = "dataset_mismatch", "Dataset does not match the model", "dataset-mismatch"
 
 
-class Unavailable(QuantserveError):
+class UnavailableError(QuantserveError):
     status, code, title, slug = 503, "unavailable", "Service unavailable", "unavailable"
 
     def __init__(self, detail: str, retry_after: int = 5) -> None:
         super().__init__(detail, headers={"Retry-After": str(retry_after)})
+
+
+class SizeLimitExceededError(Exception):
+    """A file being stored grew past its byte limit. Not an HTTP answer by itself: the upload layer turns it
+    into a PayloadTooLargeError that names the setting behind the limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"more than {limit} bytes")
+        self.limit = limit
 
 
 def problem(request: Request, *, status: int, code: str, title: str, slug: str, detail: str,
@@ -106,11 +115,11 @@ def _render_validation(request: Request, exc: Exception) -> JSONResponse:
     errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "invalid")} for e in exc.errors()]
     # A body that is not JSON at all is malformed (400), not a failed field check (422).
     if any(e.get("type") == "json_invalid" for e in exc.errors()):
-        return problem(request, status=400, code="bad_request", title=BadRequest.title, slug=BadRequest.slug,
+        return problem(request, status=400, code="bad_request", title=BadRequestError.title, slug=BadRequestError.slug,
                        detail="request body is not valid JSON", errors=errors)
     detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
-    return problem(request, status=422, code="validation_error", title=ValidationFailed.title,
-                   slug=ValidationFailed.slug, detail=detail, errors=errors)
+    return problem(request, status=422, code="validation_error", title=ValidationFailedError.title,
+                   slug=ValidationFailedError.slug, detail=detail, errors=errors)
 
 
 def _render_http(request: Request, exc: Exception) -> JSONResponse:
@@ -124,7 +133,7 @@ def _render_http(request: Request, exc: Exception) -> JSONResponse:
 
 def _render_database(request: Request, exc: Exception) -> JSONResponse:
     log.warning("database unavailable: %s", exc.__class__.__name__)
-    return problem(request, status=503, code="unavailable", title=Unavailable.title, slug=Unavailable.slug,
+    return problem(request, status=503, code="unavailable", title=UnavailableError.title, slug=UnavailableError.slug,
                    detail="the database is unreachable; retry shortly", headers={"Retry-After": "5"})
 
 

@@ -11,11 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-
-class TooLargeError(Exception):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"more than {limit} bytes")
-        self.limit = limit
+from app.errors import SizeLimitExceededError
 
 
 class PendingFile:
@@ -31,7 +27,7 @@ class PendingFile:
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
         if self.limit is not None and self.size > self.limit:
-            raise TooLargeError(self.limit)
+            raise SizeLimitExceededError(self.limit)
         self._hash.update(chunk)
         self._fh.write(chunk)
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
-from app.errors import RangeNotSatisfiable
+from app.errors import RangeNotSatisfiableError
 from app.storage import Storage
 
 CHUNK = 1024 * 1024
@@ -38,14 +38,14 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     if not first:  # suffix range: the last N bytes
         n = int(last)
         if n == 0:
-            raise RangeNotSatisfiable("a zero-length suffix range selects nothing", headers={
+            raise RangeNotSatisfiableError("a zero-length suffix range selects nothing", headers={
                 "Content-Range": f"bytes */{size}"})
         return max(size - n, 0), size - 1
     start = int(first)
     end = min(int(last), size - 1) if last else size - 1
     if start >= size or (last and int(last) < start):
-        raise RangeNotSatisfiable(f"range {header!r} is outside the file's {size} bytes",
-                                  headers={"Content-Range": f"bytes */{size}"})
+        raise RangeNotSatisfiableError(f"range {header!r} is outside the file's {size} bytes",
+                                       headers={"Content-Range": f"bytes */{size}"})
     return start, end
 
 

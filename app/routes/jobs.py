@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.deps import SessionDep, SettingsDep, StorageDep, TenantDep
-from app.errors import Conflict, NotFound
+from app.errors import ConflictError, NotFoundError
 from app.models import Artifact, Job
 from app.routes.downloads import file_response
 from app.schemas import ArtifactPublic, JobCreate, JobPublic, LogLine, Page
@@ -96,10 +96,10 @@ def job_logs(job_id: uuid.UUID, session: SessionDep, tenant_id: TenantDep,
 def job_report(job_id: uuid.UUID, session: SessionDep, tenant_id: TenantDep, storage: StorageDep) -> Any:
     job = tenant_get(session, Job, tenant_id, job_id, what="job")
     if job.status != "succeeded":
-        raise Conflict(f"job {job_id} is {job.status}; a report exists once it has succeeded")
+        raise ConflictError(f"job {job_id} is {job.status}; a report exists once it has succeeded")
     report = next((a for a in jobs.artifacts_of(session, [job.id])[job.id] if a.kind == "report"), None)
     if report is None:
-        raise NotFound(f"job {job_id} has no report")
+        raise NotFoundError(f"job {job_id} has no report")
     with storage.open(report.storage_key) as fh:
         return JSONResponse(json.load(fh))
 

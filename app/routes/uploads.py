@@ -19,7 +19,7 @@ from app.schemas import DatasetPublic, ModelPublic, Page
 from app.services import uploads
 from app.services.common import paginate, tenant_get, tenant_select
 from app.storage import pending_upload
-from app.uploads import check_declared_length, receive_multipart, receive_raw
+from app.upload_stream import check_declared_length, receive_multipart, receive_raw
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"description": d, "content": {"application/problem+json": {}}}

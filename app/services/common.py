@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from app.errors import BadRequest, NotFound
+from app.errors import BadRequestError, NotFoundError
 
 T = TypeVar("T")
 
@@ -25,7 +25,7 @@ def tenant_get(session: Session, model: type[T], tenant_id: uuid.UUID, row_id: u
         stmt = stmt.with_for_update()
     row = session.scalar(stmt)
     if row is None:  # another tenant's row answers exactly like a missing one
-        raise NotFound(f"no {what} with id {row_id}")
+        raise NotFoundError(f"no {what} with id {row_id}")
     return row
 
 
@@ -35,7 +35,7 @@ def parse_cursor(cursor: str | None) -> uuid.UUID | None:
     try:
         return uuid.UUID(cursor)
     except ValueError:
-        raise BadRequest(f"cursor {cursor!r} is not valid; pass next_cursor from the previous page") from None
+        raise BadRequestError(f"cursor {cursor!r} is not valid; pass next_cursor from the previous page") from None
 
 
 def paginate(session: Session, stmt: Select[Any], model: Any, *, limit: int, cursor: str | None

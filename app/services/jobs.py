@@ -13,7 +13,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.broker import enqueue
-from app.errors import Conflict, DatasetMismatch, ModelNotReady, UnsupportedMethodError, ValidationFailed
+from app.errors import (
+    ConflictError,
+    DatasetMismatchError,
+    ModelNotReadyError,
+    UnsupportedMethodError,
+    ValidationFailedError,
+)
 from app.ids import uuid7
 from app.models import Artifact, Dataset, Job, JobLog, Model, utcnow
 from app.schemas import JobCreate
@@ -44,15 +50,16 @@ def submit(session: Session, tenant_id: uuid.UUID, body: JobCreate, *, max_attem
     spec = _resolve_spec(model, body)
     config = _effective_config(spec, body.config)
     if model.status != "ready":
-        raise ModelNotReady(f"model {model.id} is {model.status}; wait until it is ready",
-                            errors=[{"loc": ["body", "model_id"], "msg": f"model is {model.status}"}])
+        raise ModelNotReadyError(f"model {model.id} is {model.status}; wait until it is ready",
+                                 errors=[{"loc": ["body", "model_id"], "msg": f"model is {model.status}"}])
     datasets = _check_datasets(session, tenant_id, body, spec, model, config.required_datasets())
     for role in sorted(config.labelled_datasets()):
         dataset = datasets.get(f"{role}_dataset_id")
         if dataset is not None and not dataset.has_labels:
-            raise DatasetMismatch(f"{role}_dataset_id: these options need labels, and dataset {dataset.id} has none "
-                                  "(add an integer 'labels' array, or use the default distillation loss)",
-                                  errors=[{"loc": ["body", f"{role}_dataset_id"], "msg": "dataset has no labels"}])
+            raise DatasetMismatchError(
+                f"{role}_dataset_id: these options need labels, and dataset {dataset.id} has none "
+                "(add an integer 'labels' array, or use the default distillation loss)",
+                errors=[{"loc": ["body", f"{role}_dataset_id"], "msg": "dataset has no labels"}])
 
     job = Job(id=uuid7(), tenant_id=tenant_id, model_id=model.id, method=spec.method.value, device=body.device,
               config=config.model_dump(mode="json"), name=body.name, labels=body.labels,
@@ -79,7 +86,7 @@ def _find_by_key(session: Session, tenant_id: uuid.UUID, key: str) -> Job | None
 
 def _replay(existing: Job, digest: str, key: str) -> Job:
     if existing.request_hash != digest:
-        raise Conflict(f"Idempotency-Key {key!r} was already used with a different request body")
+        raise ConflictError(f"Idempotency-Key {key!r} was already used with a different request body")
     return existing
 
 
@@ -106,25 +113,25 @@ def _effective_config(spec: MethodSpec, raw: dict[str, Any]) -> MethodConfig:
     except ValidationError as exc:
         errors = [{"loc": ["body", "config", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]
         detail = "; ".join(f"config.{'.'.join(str(p) for p in e['loc'][2:])}: {e['msg']}" for e in errors)
-        raise ValidationFailed(detail, errors=errors) from None
+        raise ValidationFailedError(detail, errors=errors) from None
     problems = spec.config_problems(config)
     if problems:
-        raise ValidationFailed("; ".join(f"config.{field}: {why}" for field, why in problems),
-                               errors=[{"loc": ["body", "config", field], "msg": why} for field, why in problems])
+        raise ValidationFailedError("; ".join(f"config.{field}: {why}" for field, why in problems),
+                                    errors=[{"loc": ["body", "config", field], "msg": why} for field, why in problems])
     return config
 
 
 def _check_datasets(session: Session, tenant_id: uuid.UUID, body: JobCreate, spec: MethodSpec,
                     model: Model, required: set[str]) -> dict[str, Dataset | None]:
     if (spec.needs_calibration or "calibration" in required) and body.calibration_dataset_id is None:
-        raise ValidationFailed(f"{spec.method.value} with these options needs calibration_dataset_id",
-                               errors=[{"loc": ["body", "calibration_dataset_id"], "msg": "required"}])
+        raise ValidationFailedError(f"{spec.method.value} with these options needs calibration_dataset_id",
+                                    errors=[{"loc": ["body", "calibration_dataset_id"], "msg": "required"}])
     if spec.needs_training and body.training_dataset_id is None:
-        raise ValidationFailed(f"{spec.method.value} needs training_dataset_id",
-                               errors=[{"loc": ["body", "training_dataset_id"], "msg": "required"}])
+        raise ValidationFailedError(f"{spec.method.value} needs training_dataset_id",
+                                    errors=[{"loc": ["body", "training_dataset_id"], "msg": "required"}])
     signature_unknown = any(i["dtype"] in ("unknown", "") or not i["shape"] for i in model.inputs or [])
     if signature_unknown and not (body.evaluation_dataset_id or body.calibration_dataset_id):
-        raise ValidationFailed(
+        raise ValidationFailedError(
             f"this {model.format} model does not record its input shapes, so quantserve cannot generate test "
             "inputs to measure it: give evaluation_dataset_id (or calibration_dataset_id)",
             errors=[{"loc": ["body", "evaluation_dataset_id"], "msg": "required: the model has no input shapes"}])
@@ -137,14 +144,14 @@ def _check_datasets(session: Session, tenant_id: uuid.UUID, body: JobCreate, spe
         dataset = session.scalar(tenant_select(Dataset, tenant_id).where(Dataset.id == dataset_id))
         loc = ["body", field]
         if dataset is None:
-            raise ValidationFailed(f"{field}: no dataset with id {dataset_id}",
-                                   errors=[{"loc": loc, "msg": "no such dataset"}])
+            raise ValidationFailedError(f"{field}: no dataset with id {dataset_id}",
+                                        errors=[{"loc": loc, "msg": "no such dataset"}])
         if dataset.status != "ready":
-            raise ValidationFailed(f"{field}: dataset {dataset_id} is {dataset.status}",
-                                   errors=[{"loc": loc, "msg": f"dataset is {dataset.status}"}])
+            raise ValidationFailedError(f"{field}: dataset {dataset_id} is {dataset.status}",
+                                        errors=[{"loc": loc, "msg": f"dataset is {dataset.status}"}])
         problem = dataset_mismatch(model, dataset)
         if problem:
-            raise DatasetMismatch(f"{field}: {problem}", errors=[{"loc": loc, "msg": problem}])
+            raise DatasetMismatchError(f"{field}: {problem}", errors=[{"loc": loc, "msg": problem}])
         found[field] = dataset
     return found
 
@@ -182,7 +189,7 @@ def cancel(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
         .values(status="cancelled", finished_at=utcnow(), lease_until=None)
     )
     if not result.rowcount:
-        raise Conflict(f"job {job_id} already ended as {job.status}; only queued or running jobs can be cancelled")
+        raise ConflictError(f"job {job_id} already ended as {job.status}; only queued or running jobs can be cancelled")
     log(session, job.id, "info", "cancelled by the user")
     session.refresh(job)
     return job

@@ -11,7 +11,7 @@ from datetime import datetime
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.errors import NotFound, Unauthorized
+from app.errors import NotFoundError, UnauthorizedError
 from app.models import ApiKey, Tenant, utcnow
 
 KEY_PREFIX = "qs_"
@@ -55,7 +55,7 @@ def revoke(session: Session, prefix: str) -> int:
         .values(revoked_at=utcnow())
     )
     if not result.rowcount:
-        raise NotFound(f"no active key starts with {prefix!r}")
+        raise NotFoundError(f"no active key starts with {prefix!r}")
     return result.rowcount
 
 
@@ -65,13 +65,13 @@ def any_key_exists(session: Session) -> bool:
 
 def authenticate(session: Session, authorization: str | None) -> uuid.UUID:
     if not authorization:
-        raise Unauthorized("send 'Authorization: Bearer <key>'")
+        raise UnauthorizedError("send 'Authorization: Bearer <key>'")
     scheme, _, key = authorization.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
-        raise Unauthorized("the Authorization header must be 'Bearer <key>'")
+        raise UnauthorizedError("the Authorization header must be 'Bearer <key>'")
     tenant_id = session.scalar(
         select(ApiKey.tenant_id).where(ApiKey.key_hash == hash_key(key.strip()), ApiKey.revoked_at.is_(None))
     )
     if tenant_id is None:
-        raise Unauthorized("unknown or revoked API key")
+        raise UnauthorizedError("unknown or revoked API key")
     return tenant_id

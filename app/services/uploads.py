@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.broker import enqueue
-from app.errors import Conflict, UnsupportedFormat, ValidationFailed
+from app.errors import ConflictError, UnsupportedFormatError, ValidationFailedError
 from app.ids import uuid7
 from app.models import Dataset, Job, Model
 from app.storage import LocalStorage, PendingFile
@@ -29,16 +29,16 @@ def create_model(session: Session, storage: LocalStorage, tenant_id: uuid.UUID, 
     try:
         detected = detect_model_format(pending.path)
     except UnknownFormat as exc:
-        raise UnsupportedFormat(str(exc)) from None
+        raise UnsupportedFormatError(str(exc)) from None
     if declared:
         try:
             declared_format = ModelFormat(declared)
         except ValueError:
-            raise ValidationFailed(
+            raise ValidationFailedError(
                 f"format must be one of {', '.join(f.value for f in ModelFormat)}",
                 errors=[{"loc": ["query", "format"], "msg": "unknown format"}]) from None
         if declared_format != detected:
-            raise UnsupportedFormat(f"the bytes are a {detected.value} model, not {declared_format.value}")
+            raise UnsupportedFormatError(f"the bytes are a {detected.value} model, not {declared_format.value}")
     model_id = uuid7()
     model = Model(id=model_id, tenant_id=tenant_id, name=name or _default_name(filename, "model"),
                   format=detected.value, size_bytes=pending.size, sha256=pending.sha256,
@@ -55,9 +55,9 @@ def create_dataset(session: Session, storage: LocalStorage, tenant_id: uuid.UUID
     try:
         kind = detect_dataset_kind(pending.path)
     except UnknownFormat as exc:
-        raise UnsupportedFormat(str(exc)) from None
+        raise UnsupportedFormatError(str(exc)) from None
     if declared and declared != kind.value:
-        raise UnsupportedFormat(f"the bytes are a {kind.value} dataset, not {declared}")
+        raise UnsupportedFormatError(f"the bytes are a {kind.value} dataset, not {declared}")
     dataset_id = uuid7()
     dataset = Dataset(id=dataset_id, tenant_id=tenant_id, name=name or _default_name(filename, "dataset"),
                       kind=kind.value, size_bytes=pending.size, sha256=pending.sha256,
@@ -79,6 +79,6 @@ def ensure_unused(session: Session, model_or_dataset: Any) -> None:
                                                      Job.status.in_(ACTIVE_JOB_STATES)).limit(1))
         if job_id is not None:
             what = "model" if is_model else "dataset"
-            raise Conflict(f"this {what} is used by job {job_id}, which is still queued or running; "
-                           "cancel it or wait for it to finish")
+            raise ConflictError(f"this {what} is used by job {job_id}, which is still queued or running; "
+                                "cancel it or wait for it to finish")
 

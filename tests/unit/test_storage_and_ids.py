@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from app.errors import SizeLimitExceededError
 from app.ids import uuid7
-from app.storage import LocalStorage, TooLargeError, pending_upload
+from app.storage import LocalStorage, pending_upload
 
 
 def test_pending_upload_is_removed_unless_committed(tmp_path: Path) -> None:
     store = LocalStorage(tmp_path / "store")
-    with pytest.raises(TooLargeError), pending_upload(store, limit=10) as pending:
+    with pytest.raises(SizeLimitExceededError), pending_upload(store, limit=10) as pending:
         pending.write(b"0123456789")
         pending.write(b"x")
     assert not any(p.is_file() for p in (tmp_path / "store").rglob("*"))

@@ -9,22 +9,22 @@ from __future__ import annotations
 from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from app.errors import BadRequest, TooLarge
-from app.storage import PendingFile, TooLargeError
+from app.errors import BadRequestError, PayloadTooLargeError, SizeLimitExceededError
+from app.storage import PendingFile
 
 MAX_FIELD_BYTES = 4096  # the small text fields (name, format) beside the file
 
 
-def _too_large(limit: int) -> TooLarge:
-    return TooLarge(f"the upload is larger than the limit of {limit} bytes (QUANTSERVE_MAX_UPLOAD_BYTES)",
-                    limit_bytes=limit)
+def _too_large(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"the upload is larger than the limit of {limit} bytes (QUANTSERVE_MAX_UPLOAD_BYTES)",
+                                limit_bytes=limit)
 
 
 def check_declared_length(request: Request, limit: int) -> None:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
-            raise BadRequest("Content-Length is not a number")
+            raise BadRequestError("Content-Length is not a number")
         if int(declared) > limit:
             raise _too_large(limit)
 
@@ -34,12 +34,12 @@ async def receive_raw(request: Request, pending: PendingFile) -> None:
     try:
         async for chunk in request.stream():
             pending.write(chunk)
-    except TooLargeError as exc:
+    except SizeLimitExceededError as exc:
         raise _too_large(exc.limit) from None
     except ClientDisconnect:
-        raise BadRequest("the client disconnected before the upload finished") from None
+        raise BadRequestError("the client disconnected before the upload finished") from None
     if pending.size == 0:
-        raise BadRequest("the request body is empty: send the file's bytes")
+        raise BadRequestError("the request body is empty: send the file's bytes")
 
 
 class _FormCollector:
@@ -82,7 +82,7 @@ class _FormCollector:
         self._part_name = options.get(b"name", b"").decode("utf-8", "replace")
         if self._part_name == "file":
             if self.saw_file:
-                raise BadRequest("send exactly one 'file' part")
+                raise BadRequestError("send exactly one 'file' part")
             self.saw_file = True
             self.filename = options.get(b"filename", b"").decode("utf-8", "replace") or None
 
@@ -92,7 +92,7 @@ class _FormCollector:
         else:
             self._buffer += data[start:end]
             if len(self._buffer) > MAX_FIELD_BYTES:
-                raise BadRequest(f"form field {self._part_name!r} is longer than {MAX_FIELD_BYTES} bytes")
+                raise BadRequestError(f"form field {self._part_name!r} is longer than {MAX_FIELD_BYTES} bytes")
 
     def _part_end(self) -> None:
         if self._part_name and self._part_name != "file":
@@ -103,21 +103,21 @@ async def receive_multipart(request: Request, pending: PendingFile) -> tuple[dic
     """multipart/form-data with a `file` part (curl -F file=@...). Returns (other fields, filename)."""
     content_type, options = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data" or b"boundary" not in options:
-        raise BadRequest("send multipart/form-data with a 'file' part, or PUT the raw bytes to .../upload")
+        raise BadRequestError("send multipart/form-data with a 'file' part, or PUT the raw bytes to .../upload")
     collector = _FormCollector(pending)
     parser = MultipartParser(options[b"boundary"], collector.callbacks())
     try:
         async for chunk in request.stream():
             parser.write(chunk)
         parser.finalize()
-    except TooLargeError as exc:
+    except SizeLimitExceededError as exc:
         raise _too_large(exc.limit) from None
     except ClientDisconnect:
-        raise BadRequest("the client disconnected before the upload finished") from None
+        raise BadRequestError("the client disconnected before the upload finished") from None
     except MultipartParseError as exc:
-        raise BadRequest(f"the multipart body is malformed: {exc}") from None
+        raise BadRequestError(f"the multipart body is malformed: {exc}") from None
     if not collector.saw_file:
-        raise BadRequest("the multipart body has no 'file' part")
+        raise BadRequestError("the multipart body has no 'file' part")
     if pending.size == 0:
-        raise BadRequest("the uploaded file is empty")
+        raise BadRequestError("the uploaded file is empty")
     return collector.fields, collector.filename
