@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from celery import Celery
 
 from app.settings import Settings, get_settings
@@ -53,4 +55,14 @@ def create_celery(settings: Settings) -> Celery:
     return app
 
 
-celery_app = create_celery(get_settings())
+@functools.cache
+def _worker_app() -> Celery:
+    return create_celery(get_settings())
+
+
+def __getattr__(name: str) -> Celery:
+    # `celery_app` is built on first use (tasks.py, the worker command), not at import: the API imports
+    # create_celery from here for its own publisher, and must not carry this second Celery app along.
+    if name == "celery_app":
+        return _worker_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
