@@ -8,6 +8,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.names import MAX_NAME_CHARS, Name
+
 T = TypeVar("T")
 
 
@@ -73,7 +75,8 @@ class JobCreate(BaseModel):
     training_dataset_id: uuid.UUID | None = None
     evaluation_dataset_id: uuid.UUID | None = None
     device: Literal["cpu", "cuda"] = "cpu"
-    name: str | None = Field(None, max_length=200)
+    name: Name | None = Field(None, description="Free-form, for your own bookkeeping.",
+                              json_schema_extra={"maxLength": MAX_NAME_CHARS})
     labels: dict[str, Any] | None = None
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from app.errors import BadRequestError, PayloadTooLargeError, SizeLimitExceededError
+from app.errors import BadRequestError, PayloadTooLargeError, SizeLimitExceededError, ValidationFailedError
+from app.names import MAX_NAME_CHARS
 from app.storage import PendingFile
 
 MAX_FIELD_BYTES = 4096  # the small text fields (name, format) beside the file
@@ -92,7 +93,10 @@ class _FormCollector:
         else:
             self._buffer += data[start:end]
             if len(self._buffer) > MAX_FIELD_BYTES:
-                raise BadRequestError(f"form field {self._part_name!r} is longer than {MAX_FIELD_BYTES} bytes")
+                msg = (f"longer than {MAX_FIELD_BYTES} bytes: the fields beside the file are short text "
+                       f"(a name has at most {MAX_NAME_CHARS} characters)")
+                raise ValidationFailedError(f"{self._part_name}: {msg}",
+                                            errors=[{"loc": ["body", self._part_name], "msg": msg}])
 
     def _part_end(self) -> None:
         if self._part_name and self._part_name != "file":

@@ -1,14 +1,17 @@
-"""File downloads with ETag, Content-Length and single byte ranges (RFC 9110)."""
+"""File downloads with ETag, Content-Length, single byte ranges (RFC 9110) and a UTF-8 file name (RFC 6266)."""
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterator
+from urllib.parse import quote
 
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
 from app.errors import RangeNotSatisfiableError
+from app.names import is_forbidden
 from app.storage import Storage
 
 CHUNK = 1024 * 1024
@@ -49,12 +52,37 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     return start, end
 
 
+def content_disposition(filename: str) -> str:
+    """`attachment; filename="<ascii>"; filename*=UTF-8''<utf-8>` (RFC 6266 and RFC 8187), from any string.
+
+    Robust on its own, without relying on the name rules: rows stored before names were checked may hold
+    line breaks, quotes or non-Latin-1 text, which would otherwise end the header early or fail to encode.
+    """
+    # Characters that break or disguise a name, and path separators, become "_" in both forms; no hidden files.
+    shown = "".join("_" if is_forbidden(c) or c in "/\\" else c for c in filename).strip().lstrip(".") or "download"
+    encoded = quote(shown, safe="", encoding="utf-8", errors="replace")
+    return f'attachment; filename="{_ascii_fallback(shown)}"; filename*=UTF-8\'\'{encoded}'
+
+
+def _ascii_fallback(name: str) -> str:
+    """For clients that ignore filename*: printable ASCII only, without quote, backslash, ";" (naive parsers split
+    on it) or "%" (some clients percent-decode it); accents dropped (é -> e), anything else "_"; never empty,
+    never a hidden file."""
+    ascii_name = "".join(c if " " <= c <= "~" and c not in '"\\%;' else "_"
+                         for c in unicodedata.normalize("NFKD", name) if not unicodedata.combining(c))
+    ascii_name = re.sub(r"_{2,}", "_", ascii_name).lstrip(". ")
+    stem, dot, ext = ascii_name.rpartition(".")
+    if not (dot and stem and ext.isalnum()):  # no extension worth keeping
+        stem, ext = ascii_name, ""
+    if not re.search(r"[A-Za-z0-9]", stem):  # "модель.onnx" -> "download.onnx", not "_.onnx"
+        stem = "download"
+    return stem + (f".{ext}" if ext else "")
+
+
 def file_response(request: Request, storage: Storage, key: str, *, size: int, sha256: str,
                   filename: str) -> Response:
     etag = f'"{sha256}"'
-    safe_name = filename.replace('"', "").replace("\\", "")
-    headers = {"ETag": etag, "Accept-Ranges": "bytes",
-               "Content-Disposition": f'attachment; filename="{safe_name}"'}
+    headers = {"ETag": etag, "Accept-Ranges": "bytes", "Content-Disposition": content_disposition(filename)}
     if_none_match = request.headers.get("if-none-match")
     if if_none_match and (if_none_match.strip() == "*" or etag in [t.strip() for t in if_none_match.split(",")]):
         return Response(status_code=304, headers=headers)

@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from app.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from app.models import Dataset, Model
+from app.names import MAX_NAME_CHARS, Name, check_name
 from app.routes.downloads import file_response
 from app.schemas import DatasetPublic, ModelPublic, Page
 from app.services import uploads
@@ -35,7 +36,8 @@ DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
 def _body_doc(content_type: str, override: str) -> dict[str, Any]:
     if content_type == "multipart/form-data":
         schema = {"type": "object", "required": ["file"], "properties": {
-            "file": {"type": "string", "format": "binary"}, "name": {"type": "string"}, override: {"type": "string"}}}
+            "file": {"type": "string", "format": "binary"}, "name": {"type": "string", "maxLength": MAX_NAME_CHARS},
+            override: {"type": "string"}}}
     else:
         schema = {"type": "string", "format": "binary"}
     return {"requestBody": {"content": {content_type: {"schema": schema}}, "required": True}}
@@ -54,7 +56,7 @@ def build_router(noun: str, row_type: type[Model] | type[Dataset], public: type,
                 await receive_raw(request, pending)
             else:
                 fields, filename = await receive_multipart(request, pending)
-                name, declared = fields.get("name"), fields.get(override)
+                name, declared = check_name(fields.get("name"), ("body", "name")), fields.get(override)
             pending.close()  # flush: format detection reads the file from disk
             row = create(session, storage, tenant_id, pending, name=name, filename=filename, declared=declared)
         response.headers["Location"] = f"/v1/{noun}s/{row.id}"
@@ -70,7 +72,7 @@ def build_router(noun: str, row_type: type[Model] | type[Dataset], public: type,
                 openapi_extra=_body_doc("application/octet-stream", override), name=f"upload_{noun}_raw")
     async def upload_raw(request: Request, response: Response, session: SessionDep, tenant_id: TenantDep,
                          settings: SettingsDep, storage: StorageDep,
-                         name: Annotated[str | None, Query(max_length=200)] = None,
+                         name: Annotated[Name | None, Query(json_schema_extra={"maxLength": MAX_NAME_CHARS})] = None,
                          declared: Annotated[str | None, Query(alias=override, max_length=32)] = None) -> Any:
         return await receive_and_create(request, response, session, tenant_id, settings, storage, raw=True,
                                         name=name, declared=declared)

@@ -12,16 +12,13 @@ from app.broker import enqueue
 from app.errors import ConflictError, UnsupportedFormatError, ValidationFailedError
 from app.ids import uuid7
 from app.models import Dataset, Job, Model
+from app.names import default_name
 from app.storage import LocalStorage, PendingFile
 from worker import task_names
 from worker.engine.formats.detect import UnknownFormat, detect_dataset_kind, detect_model_format
 from worker.engine.types import ModelFormat
 
 ACTIVE_JOB_STATES = ("queued", "running")
-
-
-def _default_name(filename: str | None, fallback: str) -> str:
-    return (filename or fallback).rsplit("/", 1)[-1][:200] or fallback
 
 
 def create_model(session: Session, storage: LocalStorage, tenant_id: uuid.UUID, pending: PendingFile, *,
@@ -40,7 +37,7 @@ def create_model(session: Session, storage: LocalStorage, tenant_id: uuid.UUID, 
         if declared_format != detected:
             raise UnsupportedFormatError(f"the bytes are a {detected.value} model, not {declared_format.value}")
     model_id = uuid7()
-    model = Model(id=model_id, tenant_id=tenant_id, name=name or _default_name(filename, "model"),
+    model = Model(id=model_id, tenant_id=tenant_id, name=name or default_name(filename, "model"),
                   format=detected.value, size_bytes=pending.size, sha256=pending.sha256,
                   storage_key=f"models/{model_id}/original")
     session.add(model)
@@ -59,7 +56,7 @@ def create_dataset(session: Session, storage: LocalStorage, tenant_id: uuid.UUID
     if declared and declared != kind.value:
         raise UnsupportedFormatError(f"the bytes are a {kind.value} dataset, not {declared}")
     dataset_id = uuid7()
-    dataset = Dataset(id=dataset_id, tenant_id=tenant_id, name=name or _default_name(filename, "dataset"),
+    dataset = Dataset(id=dataset_id, tenant_id=tenant_id, name=name or default_name(filename, "dataset"),
                       kind=kind.value, size_bytes=pending.size, sha256=pending.sha256,
                       storage_key=f"datasets/{dataset_id}/original")
     session.add(dataset)

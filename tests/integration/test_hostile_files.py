@@ -3,12 +3,16 @@ refused (4xx or an `invalid` status with a message), and no payload ever runs.""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 import tarfile
+import uuid
 import zipfile
 from pathlib import Path
+from urllib.parse import quote
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -159,3 +163,103 @@ def test_pt2_with_pickled_sample_inputs_is_used_without_unpickling(service: Serv
     job = client.post("/v1/jobs", json={"model_id": model["id"], "method": "dynamic"}).json()
     assert wait_for(client, f"/v1/jobs/{job['id']}", until=("succeeded", "failed"))["status"] == "succeeded"
     assert not marker.exists()
+
+
+# Names that would break a response header or a log line if they were stored and echoed: refused at upload,
+# by both upload forms, with a 422 that names the field. Other Unicode is a name like any other.
+HEADER_BREAKING_NAMES = {"crlf": "a\r\nX-Injected: 1", "nul": "a\x00b", "bidi override": "report\u202efdp.exe",
+                         "10,000 characters": "x" * 10_000}
+UNICODE_NAME = "модель-量化-🙂"
+UPLOAD_FORMS = ("multipart", "raw")
+
+
+@pytest.fixture(scope="module")
+def small_uploads() -> dict[str, bytes]:
+    """A valid model (one ONNX Identity node) and a valid dataset (one line of text), per kind."""
+    import onnx
+    from onnx import helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 4])])
+    return {"model": helper.make_model(graph).SerializeToString(), "dataset": b'{"text": "hello"}\n'}
+
+
+def _upload(client: httpx.Client, kind: str, form: str, content: bytes, name: str) -> httpx.Response:
+    if form == "multipart":
+        return client.post(f"/v1/{kind}s", files={"file": ("upload.bin", content)}, data={"name": name})
+    return client.put(f"/v1/{kind}s/upload", params={"name": name}, content=content)
+
+
+@pytest.mark.parametrize("form", UPLOAD_FORMS)
+@pytest.mark.parametrize("kind", ["model", "dataset"])
+@pytest.mark.parametrize("name", HEADER_BREAKING_NAMES.values(), ids=HEADER_BREAKING_NAMES.keys())
+def test_a_header_breaking_or_overlong_name_is_422_naming_the_field(service: Service, small_uploads, kind: str,
+                                                                    form: str, name: str) -> None:
+    client = service.client("names")
+    response = _upload(client, kind, form, small_uploads[kind], name)
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    problem = response.json()
+    assert problem["code"] == "validation_error"
+    [error] = problem["errors"]
+    assert error["loc"] == (["body", "name"] if form == "multipart" else ["query", "name"])
+    assert ("characters" in error["msg"] or "U+" in error["msg"]), error["msg"]
+    assert "x-injected" not in response.headers
+    stored = client.get(f"/v1/{kind}s", params={"limit": 200}).json()["items"]
+    assert name not in [row["name"] for row in stored]
+
+
+@pytest.mark.parametrize("form", UPLOAD_FORMS)
+@pytest.mark.parametrize("kind", ["model", "dataset"])
+def test_a_unicode_name_uploads_and_a_model_downloads_under_its_utf8_filename(service: Service, small_uploads,
+                                                                              kind: str, form: str) -> None:
+    client = service.client("names")
+    response = _upload(client, kind, form, small_uploads[kind], UNICODE_NAME)
+    assert response.status_code == 201, response.text
+    row = response.json()
+    assert row["name"] == UNICODE_NAME
+    assert client.get(f"/v1/{kind}s/{row['id']}").json()["name"] == UNICODE_NAME
+    if kind == "model":
+        download = client.get(f"/v1/models/{row['id']}/download")
+        assert download.status_code == 200, download.text
+        assert download.content == small_uploads["model"]
+        assert hashlib.sha256(download.content).hexdigest() == row["sha256"]
+        assert download.headers["content-disposition"] == (
+            "attachment; filename=\"download.onnx\"; filename*=UTF-8''" + quote(UNICODE_NAME + ".onnx", safe=""))
+
+
+def test_a_job_name_that_breaks_headers_or_is_too_long_is_422_naming_the_field(service: Service) -> None:
+    client = service.client("names")
+    body = {"model_id": str(uuid.uuid4()), "method": "dynamic"}
+    for name in HEADER_BREAKING_NAMES.values():
+        response = client.post("/v1/jobs", json={**body, "name": name})
+        assert response.status_code == 422, response.text
+        assert [e["loc"] for e in response.json()["errors"]] == [["body", "name"]]
+    # A Unicode name passes the name check: what is refused then is the unknown model.
+    assert client.post("/v1/jobs", json={**body, "name": UNICODE_NAME}).json()["code"] == "not_found"
+
+
+def test_a_name_stored_before_names_were_checked_still_downloads(service: Service, small_uploads) -> None:
+    """Rows written before the name rules existed may hold anything: the download header copes on its own."""
+    from sqlalchemy import create_engine, update
+
+    from app.models import Model
+
+    client = service.client("names")
+    model = _upload(client, "model", "raw", small_uploads["model"], "placeholder").json()
+    engine = create_engine(service.env["QUANTSERVE_DATABASE_URL"])
+    try:
+        for stored, fallback, utf8 in [
+                ("a\r\nX-Injected: 1", "a_X-Injected: 1.onnx", "a__X-Injected%3A%201.onnx"),
+                ('q"; filename="evil.sh', "q_ filename=_evil.sh.onnx", "q%22%3B%20filename%3D%22evil.sh.onnx"),
+                (UNICODE_NAME + "\u202e", "download.onnx", quote(UNICODE_NAME + "_.onnx", safe=""))]:
+            with engine.begin() as conn:
+                conn.execute(update(Model).where(Model.id == uuid.UUID(model["id"])).values(name=stored))
+            download = client.get(f"/v1/models/{model['id']}/download")
+            assert download.status_code == 200 and download.content == small_uploads["model"]
+            assert "x-injected" not in download.headers
+            assert download.headers["content-disposition"] == (
+                f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{utf8}")
+    finally:
+        engine.dispose()
