@@ -21,6 +21,7 @@ class Page(BaseModel, Generic[T]):
 class ErrorInfo(BaseModel):
     code: str
     message: str
+    reason: str | None = Field(None, description="The finer cause folded into `code`, e.g. dataset_mismatch.")
 
 
 class TensorSpecPublic(BaseModel):
