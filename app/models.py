@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 typed models: tenants, keys, models, datasets, jobs, logs, artifacts, outbox."""
+"""SQLAlchemy 2 typed models: tenants, keys, models, datasets, jobs, logs, artifacts, outbox, workers."""
 
 from __future__ import annotations
 
@@ -181,3 +181,15 @@ class Outbox(Base):
     args: Mapped[list[Any]] = mapped_column(JSONType)
     queue: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Worker(Base):
+    """A worker process and what it serves, written by the worker itself; live while last_seen is recent."""
+
+    __tablename__ = "workers"
+    hostname: Mapped[str] = mapped_column(String(255), primary_key=True)  # Celery's node name, name@host
+    queues: Mapped[list[Any]] = mapped_column(JSONType)  # the queues it consumes: cpu, gpu
+    devices: Mapped[dict[str, Any]] = mapped_column(JSONType)  # device -> {name, flags, ...} it really has
+    capabilities: Mapped[dict[str, Any]] = mapped_column(JSONType)  # served device -> ["format/method", ...]
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)

@@ -138,8 +138,23 @@ class FormatCapability(BaseModel):
     methods: dict[str, MethodCapability]
 
 
+class LiveDevice(BaseModel):
+    device: str = Field(description="cpu or cuda: a value of a job's `device`.")
+    queue: str = Field(description="The queue its jobs go to.")
+    name: str | None = Field(description="CPU model or GPU name, as the worker reads it.")
+    flags: list[str] = Field(description="CPU instruction-set flags that decide which int8 kernels run "
+                                         "(avx2, avx512_vnni, amx_int8, ...); empty for a GPU.")
+    methods: list[str] = Field(description="The format/method pairs these workers run on this device.")
+    workers: int = Field(description="How many live workers serve this device with this hardware.")
+    details: dict[str, Any] = Field(default_factory=dict, description="More about the device (cores, memory).")
+
+
 class Capabilities(BaseModel):
     formats: dict[str, FormatCapability]
-    devices: list[str]
+    devices: list[str] = Field(description="Devices the engine's registry can run, whether or not a worker is up.")
     queues: list[str]
     version: str
+    served_devices: list[str] = Field(default_factory=list,
+                                      description="Devices a live worker serves now: a job for any other is 422.")
+    live_devices: list[LiveDevice] = Field(default_factory=list,
+                                           description="What live workers serve, by kind of hardware.")

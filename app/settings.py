@@ -24,9 +24,24 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(3, description="Attempts before a job whose worker dies fails as worker_lost.")
     job_time_limit_s: float = Field(3600.0, description="Wall-clock limit of one attempt.")
     job_memory_limit_mb: int = Field(0, description="Resident-memory limit of the engine process; 0 = none.")
+    max_artifact_bytes: int | None = Field(None, description="Largest file the engine process may write "
+                                           "(RLIMIT_FSIZE, artifacts and temporary files alike); 0 = none; "
+                                           "default: 8 x max_upload_bytes.")
     sweep_interval_s: float = Field(2.0, description="How often a worker re-publishes and reaps.")
     redispatch_after_s: float = Field(300.0, description="A job queued this long is published again.")
     worker_concurrency: int = Field(2, description="Tasks one worker process runs at once.")
+
+    @property
+    def engine_file_limit_bytes(self) -> int:
+        """RLIMIT_FSIZE of the engine process (0 = none). A runaway guard, not a budget: a library's temporary
+        copies of a model (shape-inferred ONNX, extracted hf folders) are a few times the upload."""
+        return self.max_artifact_bytes if self.max_artifact_bytes is not None else 8 * self.max_upload_bytes
+
+    @property
+    def worker_ttl_s(self) -> float:
+        """A worker whose row was not refreshed this long is not live. Workers refresh it every sweep, so three
+        missed sweeps; never under 10 s, so that one slow sweep (a busy database) does not hide a worker."""
+        return max(3 * self.sweep_interval_s, 10.0)
 
     @cached_property
     def effective_database_url(self) -> str:

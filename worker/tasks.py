@@ -8,10 +8,12 @@ import time
 from uuid import UUID
 
 from celery import Task
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from celery.worker.consumer import Consumer
 
-from worker import jobs, lifecycle, task_names
+from worker import devices, jobs, lifecycle, task_names
 from worker.celery_app import celery_app
+from worker.presence import Presence
 from worker.runtime import runtime
 
 log = logging.getLogger("quantserve.worker")
@@ -32,10 +34,15 @@ def run_job(self: Task, job_id: str) -> None:
     jobs.run_job(runtime(), UUID(job_id), worker=self.request.hostname or "worker")
 
 
-def _sweep_forever() -> None:
-    """Re-publish unsent outbox rows and reap jobs whose worker died. Every worker runs one."""
+def _sweep_forever(presence: Presence) -> None:
+    """Refresh this worker's row, re-publish unsent outbox rows and reap jobs whose worker died. Every worker
+    runs one."""
     rt = runtime()
     while True:
+        try:
+            presence.beat(rt.session_factory)
+        except Exception:  # the database is down: the row goes stale, and the API stops counting on us
+            log.exception("worker heartbeat failed")
         try:
             rt.relay.sweep()
             lifecycle.reap(rt.session_factory)
@@ -45,6 +52,32 @@ def _sweep_forever() -> None:
         time.sleep(rt.settings.sweep_interval_s)
 
 
+_presence: list[Presence] = []  # this process's worker, once ready
+
+
 @worker_ready.connect
-def _start_sweeper(**_kwargs) -> None:
-    threading.Thread(target=_sweep_forever, name="quantserve-sweeper", daemon=True).start()
+def _start_sweeper(sender: Consumer, **_kwargs) -> None:
+    queues = list(sender.app.amqp.queues.consume_from or {})
+    usable, dropped = devices.usable_queues(queues)
+    for queue, why in dropped.items():
+        log.warning("%s", why)  # `celery worker -Q gpu` run directly; `quantserve worker` has dropped it already
+        sender.cancel_task_queue(queue)
+    presence = Presence.of(sender.hostname, usable)
+    _presence.append(presence)
+    threading.Thread(target=_sweep_forever, args=(presence,), name="quantserve-sweeper", daemon=True).start()
+
+
+@worker_shutting_down.connect
+def _stop_serving(**_kwargs) -> None:
+    # Runs in a signal handler: only set a flag; the sweeper deletes the row on its next round.
+    for presence in _presence:
+        presence.stopping.set()
+
+
+@worker_shutdown.connect
+def _deregister(**_kwargs) -> None:
+    for presence in _presence:
+        try:
+            presence.remove(runtime().session_factory)
+        except Exception:  # the row goes stale on its own
+            log.exception("could not remove worker %s from the workers table", presence.hostname)

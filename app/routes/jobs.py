@@ -48,7 +48,7 @@ def submit_job(body: JobCreate, response: Response, session: SessionDep, tenant_
                settings: SettingsDep,
                idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> Any:
     job, created = jobs.submit(session, tenant_id, body, max_attempts=settings.job_max_attempts,
-                               idempotency_key=idempotency_key)
+                               idempotency_key=idempotency_key, worker_ttl_s=settings.worker_ttl_s)
     response.status_code = 202 if created else 200
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_public(job, jobs.artifacts_of(session, [job.id])[job.id])

@@ -9,9 +9,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import func, select, text
 
 from app import __version__
-from app.deps import TenantDep
-from app.models import Job, Outbox
+from app.deps import SessionDep, SettingsDep, TenantDep
+from app.models import Job, Outbox, Worker
 from app.schemas import Capabilities
+from app.services import workers
 from worker.engine.registry import SPECS
 from worker.task_names import QUEUE_FOR_DEVICE
 
@@ -71,7 +72,8 @@ def metrics(request: Request) -> str:
     return "\n".join(lines) + "\n"
 
 
-def capabilities_document() -> dict[str, Any]:
+def capabilities_document(live_workers: list[Worker] | None = None) -> dict[str, Any]:
+    """The registry's static pairs, and what live workers serve (`served_devices`, `live_devices`)."""
     formats: dict[str, Any] = {}
     for spec in SPECS.values():
         formats.setdefault(spec.format.value, {"methods": {}})["methods"][spec.method.value] = {
@@ -80,10 +82,13 @@ def capabilities_document() -> dict[str, Any]:
             "needs_calibration": spec.needs_calibration, "needs_training": spec.needs_training,
         }
     devices = sorted({d.value for s in SPECS.values() for d in s.devices})
+    live = workers.live_devices(live_workers or [])
     return {"formats": formats, "devices": devices, "queues": sorted({QUEUE_FOR_DEVICE[d] for d in devices}),
-            "version": __version__}
+            "version": __version__, "served_devices": sorted({d.device for d in live}),
+            "live_devices": [d.to_dict() for d in live]}
 
 
 @router.get("/v1/capabilities", response_model=Capabilities, tags=["system"])
-def capabilities(tenant_id: TenantDep) -> Any:  # noqa: ARG001 - every /v1 route needs a key
-    return capabilities_document()
+def capabilities(tenant_id: TenantDep, session: SessionDep,  # noqa: ARG001 - every /v1 route needs a key
+                 settings: SettingsDep) -> Any:
+    return capabilities_document(workers.live(session, settings.worker_ttl_s))

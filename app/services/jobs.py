@@ -23,6 +23,7 @@ from app.errors import (
 from app.ids import uuid7
 from app.models import Artifact, Dataset, Job, JobLog, Model, utcnow
 from app.schemas import JobCreate
+from app.services import workers
 from app.services.common import tenant_get, tenant_select
 from worker import task_names
 from worker.engine.config import MethodConfig
@@ -38,7 +39,7 @@ def request_hash(body: JobCreate) -> str:
 
 
 def submit(session: Session, tenant_id: uuid.UUID, body: JobCreate, *, max_attempts: int,
-           idempotency_key: str | None) -> tuple[Job, bool]:
+           idempotency_key: str | None, worker_ttl_s: float) -> tuple[Job, bool]:
     """Check, then write the job and its outbox row in the caller's transaction. Returns (job, created)."""
     digest = request_hash(body)
     if idempotency_key:
@@ -47,7 +48,10 @@ def submit(session: Session, tenant_id: uuid.UUID, body: JobCreate, *, max_attem
             return _replay(existing, digest, idempotency_key), False
 
     model = tenant_get(session, Model, tenant_id, body.model_id, what="model")
-    spec = _resolve_spec(model, body)
+    live_workers = workers.live(session, worker_ttl_s)
+    served = sorted({d for w in live_workers for d in workers.served_by(w)})
+    spec = _resolve_spec(model, body, served)
+    _check_device_served(body.device, served, any_live=bool(live_workers))
     config = _effective_config(spec, body.config)
     if model.status != "ready":
         raise ModelNotReadyError(f"model {model.id} is {model.status}; wait until it is ready",
@@ -90,7 +94,25 @@ def _replay(existing: Job, digest: str, key: str) -> Job:
     return existing
 
 
-def _resolve_spec(model: Model, body: JobCreate) -> MethodSpec:
+def _served_text(device: str, served: list[str]) -> str:
+    return f"no live worker serves device {device!r}; served: {', '.join(served) or 'none (no worker is running)'}"
+
+
+def _check_device_served(device: str, served: list[str], *, any_live: bool) -> None:
+    """Refuse a device no live worker serves, naming those that are served.
+
+    No live worker at all is "unknown", not "nothing served": `quantserve serve` starts its worker right after
+    the API, a worker publishes its devices a few seconds later (a gpu worker probes CUDA first), and in
+    production every worker may be restarting at once. A cpu job then waits in the queue like any other, as a
+    user expects of the default device; any other device needs a live worker that has proved it has one.
+    """
+    if device in served or (device == "cpu" and not any_live):
+        return
+    raise ValidationFailedError(_served_text(device, served),
+                                errors=[{"loc": ["body", "device"], "msg": _served_text(device, served)}])
+
+
+def _resolve_spec(model: Model, body: JobCreate, served: list[str]) -> MethodSpec:
     try:
         spec = resolve(model.format, body.method)
     except UnsupportedMethod as exc:
@@ -101,9 +123,10 @@ def _resolve_spec(model: Model, body: JobCreate) -> MethodSpec:
             errors=[{"loc": ["body", "method"], "msg": f"not supported for format {model.format}"}],
             supported=exc.supported) from None
     if body.device not in {d.value for d in spec.devices}:
+        also = "" if body.device in served else f" ({_served_text(body.device, served)})"
         raise UnsupportedMethodError(
             f"{model.format}/{body.method} runs on {', '.join(sorted(d.value for d in spec.devices))}, "
-            f"not {body.device}", errors=[{"loc": ["body", "device"], "msg": f"{body.device} not available"}])
+            f"not {body.device}{also}", errors=[{"loc": ["body", "device"], "msg": f"{body.device} not available"}])
     return spec
 
 
