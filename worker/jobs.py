@@ -37,10 +37,11 @@ def _validate(rt: Runtime, row_type: type[Model] | type[Dataset], row_id: uuid.U
               label: str) -> None:
     with scratch_dir(rt, f"validate-{row_id}") as work:
         try:
-            result = sandbox.run(request, work, time_limit_s=600, memory_limit_mb=rt.settings.job_memory_limit_mb)
+            result = sandbox.run(request, work, time_limit_s=600, memory_limit_mb=rt.settings.job_memory_limit_mb,
+                                 max_file_bytes=rt.settings.engine_file_limit_bytes)
             values: dict[str, Any] = {"status": "ready", "error": None, **result}
         except sandbox.SandboxFailure as exc:
-            values = {"status": "invalid", "error": {"code": exc.code, "message": str(exc)}}
+            values = {"status": "invalid", "error": {"code": exc.code, "message": str(exc), "reason": exc.reason}}
     with transaction(rt.session_factory) as session:
         # Conditional: a duplicate delivery, or a row deleted meanwhile, changes nothing.
         session.execute(update(row_type).where(row_type.id == row_id, row_type.status == "validating")
@@ -110,14 +111,15 @@ def run_job(rt: Runtime, job_id: uuid.UUID, worker: str) -> None:
             result = sandbox.run(
                 request, work, on_event=progress, check_every_s=s.heartbeat_s,
                 keep_going=lambda: lifecycle.heartbeat(rt.session_factory, claim.job_id, claim.attempt, s.job_lease_s),
-                time_limit_s=s.job_time_limit_s, memory_limit_mb=s.job_memory_limit_mb)
+                time_limit_s=s.job_time_limit_s, memory_limit_mb=s.job_memory_limit_mb,
+                max_file_bytes=s.engine_file_limit_bytes)
         except sandbox.Stopped:
             progress.flush()
             log.info("job %s attempt %d stopped: cancelled or superseded", job_id, claim.attempt)
             return
         except sandbox.SandboxFailure as exc:
             progress.flush()
-            lifecycle.fail(rt.session_factory, job_id, claim.attempt, exc.code, str(exc))
+            lifecycle.fail(rt.session_factory, job_id, claim.attempt, exc.code, str(exc), reason=exc.reason)
             return
         if result["metrics"].get("duration_s") is None:
             result["metrics"]["duration_s"] = round(time.monotonic() - started, 3)

@@ -53,7 +53,8 @@ def claim(factory: sessionmaker[Session], job_id: uuid.UUID, worker: str, lease_
         assert job is not None
         model = session.get(Model, job.model_id)
         if model is None:
-            _fail_in(session, job_id, row.attempt, "invalid_input", "the job's model was deleted")
+            _fail_in(session, job_id, row.attempt, "invalid_input", "the job's model was deleted",
+                     reason="model_deleted")
             return None
         keys = {}
         for role in ("calibration", "training", "evaluation"):
@@ -61,7 +62,8 @@ def claim(factory: sessionmaker[Session], job_id: uuid.UUID, worker: str, lease_
             if dataset_id is not None:
                 dataset = session.get(Dataset, dataset_id)
                 if dataset is None:
-                    _fail_in(session, job_id, row.attempt, "invalid_input", f"the {role} dataset was deleted")
+                    _fail_in(session, job_id, row.attempt, "invalid_input", f"the {role} dataset was deleted",
+                             reason="dataset_deleted")
                     return None
                 keys[role] = dataset.storage_key
         session.add(JobLog(job_id=job_id, level="info", message=f"attempt {row.attempt} started on {worker}"))
@@ -124,16 +126,21 @@ def finish(factory: sessionmaker[Session], claim_: Claim, artifacts: list[Stored
         return True
 
 
-def fail(factory: sessionmaker[Session], job_id: uuid.UUID, attempt: int, code: str, message: str) -> bool:
+def fail(factory: sessionmaker[Session], job_id: uuid.UUID, attempt: int, code: str, message: str, *,
+         reason: str | None = None) -> bool:
     with transaction(factory) as session:
-        return _fail_in(session, job_id, attempt, code, message)
+        return _fail_in(session, job_id, attempt, code, message, reason=reason)
 
 
-def _fail_in(session: Session, job_id: uuid.UUID, attempt: int, code: str, message: str) -> bool:
+def _fail_in(session: Session, job_id: uuid.UUID, attempt: int, code: str, message: str, *,
+             reason: str | None = None) -> bool:
+    """The job's error is {"code", "message", "reason"}: code from API.md, reason the finer cause (or null)."""
     result = session.execute(update(Job).where(*_mine(job_id, attempt)).values(
-        status="failed", error={"code": code, "message": message}, finished_at=utcnow(), lease_until=None))
+        status="failed", error={"code": code, "message": message, "reason": reason}, finished_at=utcnow(),
+        lease_until=None))
     if result.rowcount:
-        session.add(JobLog(job_id=job_id, level="error", message=f"failed ({code}): {message}"))
+        why = f"{code}, {reason}" if reason else code
+        session.add(JobLog(job_id=job_id, level="error", message=f"failed ({why}): {message}"))
     return bool(result.rowcount)
 
 
@@ -146,7 +153,8 @@ def reap(factory: sessionmaker[Session]) -> int:
         for job_id, attempt, max_attempts, device in stale:
             if attempt >= max_attempts:
                 _fail_in(session, job_id, attempt, "worker_lost",
-                         f"the worker running this job stopped responding {attempt} times; giving up")
+                         f"the worker running this job stopped responding {attempt} times; giving up",
+                         reason="lease_expired")
             else:
                 result = session.execute(update(Job).where(*_mine(job_id, attempt)).values(
                     status="queued", stage=None, progress=0.0, lease_until=None, worker=None))

@@ -22,6 +22,9 @@ log = logging.getLogger("quantserve.worker")
 _PASSTHROUGH = ("PATH", "LANG", "LC_ALL", "TZ", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE",
                 "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
                 "LD_LIBRARY_PATH")
+# The engine's own operator settings (README, "Configuration"), each read by the engine in the child. Listed
+# one by one, never by prefix: QUANTSERVE_DATABASE_URL and the broker URL carry passwords.
+ENGINE_SETTINGS = ("QUANTSERVE_AOTI",)  # "0": no AOTInductor package (worker/engine/torch_export/aoti.py)
 
 
 class SandboxFailure(Exception):
@@ -51,7 +54,7 @@ def network_isolation() -> list[str]:
 
 
 def child_env(work_dir: Path) -> dict[str, str]:
-    env = {k: os.environ[k] for k in _PASSTHROUGH if k in os.environ}
+    env = {k: os.environ[k] for k in (*_PASSTHROUGH, *ENGINE_SETTINGS) if k in os.environ}
     env.update(HOME=str(work_dir), TMPDIR=str(work_dir), PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return env
@@ -59,10 +62,13 @@ def child_env(work_dir: Path) -> dict[str, str]:
 
 def run(request: dict[str, Any], work_dir: Path, *, on_event: Callable[[dict[str, Any]], None] | None = None,
         keep_going: Callable[[], bool] = lambda: True, check_every_s: float = 1.0,
-        time_limit_s: float = 3600.0, memory_limit_mb: int = 0) -> dict[str, Any]:
-    """Run one engine request; returns its result dict, or raises SandboxFailure / Stopped."""
+        time_limit_s: float = 3600.0, memory_limit_mb: int = 0, max_file_bytes: int = 0) -> dict[str, Any]:
+    """Run one engine request; returns its result dict, or raises SandboxFailure / Stopped.
+
+    memory_limit_mb: resident memory, watched here (0 = none); max_file_bytes: the child's RLIMIT_FSIZE,
+    set by the runner (0 = none)."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    request = {**request, "result_path": str(work_dir / "result.json")}
+    request = {**request, "result_path": str(work_dir / "result.json"), "max_file_bytes": max_file_bytes}
     request_path = work_dir / "request.json"
     request_path.write_text(json.dumps(request))
     stderr_path = work_dir / "stderr.log"
@@ -78,11 +84,12 @@ def run(request: dict[str, Any], work_dir: Path, *, on_event: Callable[[dict[str
             while proc.poll() is None:
                 _drain(events, on_event, timeout=0.2)
                 now = time.monotonic()
-                if memory_limit_mb and (rss := _rss_mb(proc.pid)) > memory_limit_mb:
+                if memory_limit_mb and (rss := _guarded_rss_mb(proc.pid)) > memory_limit_mb:
                     raise SandboxFailure("out_of_memory", f"the job used {rss} MB of memory, over its limit of "
-                                         f"{memory_limit_mb} MB (QUANTSERVE_JOB_MEMORY_LIMIT_MB)")
+                                         f"{memory_limit_mb} MB (QUANTSERVE_JOB_MEMORY_LIMIT_MB)", "memory_limit")
                 if now - started > time_limit_s:
-                    raise SandboxFailure("timeout", f"the job ran longer than its limit of {time_limit_s:.0f} s")
+                    raise SandboxFailure("timeout", f"the job ran longer than its limit of {time_limit_s:.0f} s "
+                                         "(QUANTSERVE_JOB_TIME_LIMIT_S)", "time_limit")
                 if now - last_check >= check_every_s:
                     last_check = now
                     if not keep_going():
@@ -117,15 +124,73 @@ def _drain(events: queue.Queue, on_event: Callable[[dict[str, Any]], None] | Non
             return
 
 
-def _rss_mb(pid: int) -> int:
-    """Resident memory of the engine process, from /proc (0 where that is not available)."""
+class MemoryUnmeasurable(Exception):
+    """No way to read the engine's resident memory here: the memory limit cannot be enforced."""
+
+
+def _rss_from_status(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+        if line.startswith("State:") and "Z" in line.split()[1:2]:
+            return 0  # exited, not yet reaped: no memory left, and no VmRSS line
+    raise ValueError("no VmRSS line")
+
+
+def _rss_from_statm(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_from_ps(pid: int) -> int:
+    out = subprocess.run(["ps", "-o", "rss=", "-p", str(pid)], capture_output=True, text=True, timeout=5)
+    return int(out.stdout.strip()) * 1024  # KiB; empty output (no such process) raises ValueError
+
+
+# Tried in order: /proc/<pid>/status, then /proc/<pid>/statm (both Linux), then `ps` (any POSIX system).
+RSS_READERS: tuple[Callable[[int], int], ...] = (_rss_from_status, _rss_from_statm, _rss_from_ps)
+_warned: set[str] = set()
+
+
+def _rss_mb(pid: int) -> int | None:
+    """Resident memory of the engine process in MB, by the first reader that works; None once the process is
+    gone. Raises MemoryUnmeasurable when it is alive and no reader works: never 0, which would silently turn
+    the memory limit off."""
+    failures = []
+    for reader in RSS_READERS:
+        try:
+            return reader(pid) // 2**20
+        except (OSError, ValueError, IndexError, subprocess.SubprocessError) as exc:
+            failures.append(f"{reader.__name__}: {exc.__class__.__name__}: {exc}")
+            if not _alive(pid):
+                return None
+            if reader.__name__ not in _warned:
+                _warned.add(reader.__name__)
+                log.warning("reading the engine's memory with %s failed (%s); trying the next way", reader.__name__,
+                            failures[-1])
+    raise MemoryUnmeasurable("; ".join(failures))
+
+
+def _alive(pid: int) -> bool:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) // 1024
-    except (OSError, ValueError):
-        pass
-    return 0
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's (cannot happen for our child, but do not call it dead)
+        return True
+    return True
+
+
+def _guarded_rss_mb(pid: int) -> int:
+    try:
+        rss = _rss_mb(pid)
+    except MemoryUnmeasurable as exc:
+        log.error("cannot measure the engine's memory (%s): stopping the job rather than run it without its "
+                  "memory limit", exc)
+        raise SandboxFailure("internal", "the worker cannot measure the engine's memory on this host, so "
+                             "QUANTSERVE_JOB_MEMORY_LIMIT_MB cannot be enforced; the job was stopped rather than "
+                             "run unguarded (unset the limit on such hosts, or run the worker on Linux)",
+                             "memory_unmeasurable") from exc
+    return 0 if rss is None else rss  # gone: its exit status tells the rest
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -146,5 +211,13 @@ def _outcome(returncode: int, result_path: Path, stderr_path: Path) -> dict[str,
     tail = stderr_path.read_text(errors="replace")[-2000:] if stderr_path.exists() else ""
     if returncode == -signal.SIGKILL or "MemoryError" in tail or "std::bad_alloc" in tail:
         # Nobody here sent SIGKILL (cancel and limits raise before reaching this): the kernel's OOM killer did.
-        raise SandboxFailure("out_of_memory", "the engine process ran out of memory and was killed by the system")
+        raise SandboxFailure("out_of_memory", "the engine process ran out of memory and was killed by the system",
+                             "killed_by_system")
+    if returncode < 0:  # a native library crashed it (SIGSEGV, SIGABRT, ...): a failure of the engine, not ours
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        raise SandboxFailure("engine_error", f"the engine process crashed ({name}); please report this: "
+                             f"{tail[-500:]}", "engine_crashed")
     raise SandboxFailure("internal", f"the engine process exited with status {returncode}: {tail[-500:]}")

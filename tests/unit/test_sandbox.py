@@ -15,8 +15,76 @@ def test_child_environment_carries_no_secrets(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setenv("QUANTSERVE_DATABASE_URL", "postgresql+psycopg://user:secret@db/quantserve")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "nope")
     env = sandbox.child_env(tmp_path)
-    assert not [k for k in env if k.startswith(("QUANTSERVE_", "AWS_"))]
+    assert not [k for k in env if k.startswith(("QUANTSERVE_", "AWS_")) and k not in sandbox.ENGINE_SETTINGS]
     assert env["HOME"] == str(tmp_path)
+
+
+def test_the_engines_own_settings_reach_the_engine_process(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("QUANTSERVE_AOTI", "0")
+    monkeypatch.setenv("QUANTSERVE_DATABASE_URL", "postgresql+psycopg://user:secret@db/quantserve")
+    probe = "import json, os; print(json.dumps({k: v for k, v in os.environ.items() if k.startswith('QUANTSERVE_')}))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env=sandbox.child_env(tmp_path), timeout=30)
+    assert json.loads(out.stdout) == {"QUANTSERVE_AOTI": "0"}
+
+
+def test_every_engine_setting_is_documented_in_the_readme() -> None:
+    from tests.conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    assert all(f"| `{name}` |" in readme for name in sandbox.ENGINE_SETTINGS)
+
+
+def test_memory_is_read_from_statm_when_status_cannot_be_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(pid: int) -> int:
+        raise PermissionError("no /proc/<pid>/status here")
+
+    monkeypatch.setattr(sandbox, "RSS_READERS", (broken, *sandbox.RSS_READERS[1:]))
+    rss = sandbox._rss_mb(os.getpid())
+    assert rss is not None and rss > 10  # this Python process holds more than 10 MB
+
+
+def test_memory_is_read_with_ps_where_there_is_no_proc(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(pid: int) -> int:
+        raise FileNotFoundError("no /proc")
+
+    monkeypatch.setattr(sandbox, "RSS_READERS", (broken, broken, sandbox.RSS_READERS[-1]))
+    assert (sandbox._rss_mb(os.getpid()) or 0) > 10
+
+
+def test_unmeasurable_memory_stops_the_job_instead_of_disabling_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(pid: int) -> int:
+        raise OSError("no way to read memory")
+
+    monkeypatch.setattr(sandbox, "RSS_READERS", (broken,))
+    with pytest.raises(sandbox.MemoryUnmeasurable):
+        sandbox._rss_mb(os.getpid())
+    with pytest.raises(sandbox.SandboxFailure) as failure:
+        sandbox._guarded_rss_mb(os.getpid())
+    assert failure.value.code == "internal" and failure.value.reason == "memory_unmeasurable"
+    assert "QUANTSERVE_JOB_MEMORY_LIMIT_MB" in str(failure.value)
+
+
+def test_a_process_that_is_gone_has_no_memory_and_is_not_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # reaped: its pid is free
+    assert sandbox._rss_mb(proc.pid) is None
+
+
+def test_an_engine_process_killed_by_a_crash_is_engine_error(tmp_path: Path) -> None:
+    import signal
+
+    (tmp_path / "stderr.log").write_text("Fatal Python error: Segmentation fault")
+    with pytest.raises(sandbox.SandboxFailure) as failure:
+        sandbox._outcome(-signal.SIGSEGV, tmp_path / "result.json", tmp_path / "stderr.log")
+    assert failure.value.code == "engine_error" and failure.value.reason == "engine_crashed"
+    assert "SIGSEGV" in str(failure.value)
 
 
 @pytest.mark.skipif(not sandbox.network_isolation(), reason="user namespaces are not allowed on this host")

@@ -1,30 +1,46 @@
 """The engine's child-process entry: `python -m worker.engine.runner REQUEST.json`.
 
-The worker runs every validation and quantization here, in a process with a cleaned environment
-(no database URL, no keys), its own scratch folder and resource limits, so a hostile or runaway
-model can be killed without touching the worker. Events go to stdout as JSON lines; the result
-goes to the file named in the request.
+The worker runs every validation and quantization here, in a process with a cleaned environment (no database
+URL, no keys: worker/sandbox.py) and its own scratch folder, so a hostile or runaway model can be killed
+without touching the worker. Events go to stdout as JSON lines; the result goes to the file named in the
+request. What is enforced, and where:
+
+- here, by setrlimit: no core dumps (RLIMIT_CORE 0); no file larger than the request's `max_file_bytes`
+  (RLIMIT_FSIZE, from QUANTSERVE_MAX_ARTIFACT_BYTES; a write past it fails with EFBIG, reported as
+  `unsupported`, reason `file_too_large`); at most MAX_OPEN_FILES open files (RLIMIT_NOFILE);
+- by the supervising worker (worker/sandbox.py): resident memory (QUANTSERVE_JOB_MEMORY_LIMIT_MB, read from
+  /proc), wall-clock time (QUANTSERVE_JOB_TIME_LIMIT_S), no network (`unshare -rn`, where the host allows it).
+
+Not set, on purpose: RLIMIT_AS (torch and onnxruntime reserve address space they never use, and crash at
+import under a cap), RLIMIT_NPROC (it counts every thread of every process of the user, so the worker's other
+jobs and torch's thread pools would trip it), RLIMIT_CPU (the wall-clock limit already bounds a job).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import resource
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-# The job error codes of API.md; the engine's finer codes are folded into them (and kept as `reason`).
-JOB_ERROR_CODES = {"invalid_input", "unsupported", "timeout", "out_of_memory", "worker_lost", "internal"}
+# The job error codes of API.md; each means one thing (README, "When a job fails"). The engine's finer codes
+# are folded into them and kept as `reason`.
+JOB_ERROR_CODES = {"invalid_input", "unsupported", "engine_error", "timeout", "out_of_memory", "worker_lost",
+                   "internal"}
 _FOLDED = {"dataset_mismatch": "invalid_input", "evaluation_failed": "invalid_input",
            "unsupported_format": "invalid_input", "nothing_to_quantize": "unsupported"}
+MAX_OPEN_FILES = 4096  # torch's Inductor compile workers and onnxruntime use a few hundred at most
 
 
-def public_error(code: str, message: str) -> dict[str, str]:
+def public_error(code: str, message: str, reason: str | None = None) -> dict[str, str | None]:
+    """{"code", "message", "reason"}: `code` is one of JOB_ERROR_CODES; `reason` the finer cause, if any."""
     if code in JOB_ERROR_CODES:
-        return {"code": code, "message": message}
-    return {"code": _FOLDED.get(code, "invalid_input"), "message": message, "reason": code}
+        return {"code": code, "message": message, "reason": reason}
+    return {"code": _FOLDED.get(code, "invalid_input"), "message": message, "reason": reason or code}
 
 
 def _emit(event: dict[str, Any]) -> None:
@@ -36,10 +52,79 @@ _OOM_MARKERS = ("bad_alloc", "failed to allocate memory", "can't allocate memory
                 "failed to map segment", "out of memory")
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    """Native libraries report an exhausted address space in their own words, not as MemoryError."""
-    text = f"{exc.__class__.__name__} {exc}".lower()
-    return isinstance(exc, MemoryError) or any(marker in text for marker in _OOM_MARKERS)
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """exc, then every exception behind it: __cause__ and __context__ alike, since `raise ... from None`
+    hides the context from tracebacks but keeps it. Each once, so a cycle ends."""
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending += [e for e in (current.__cause__, current.__context__) if e is not None]
+
+
+def _oom_reason(exc: BaseException) -> str | None:
+    """Why `exc` is an exhausted memory, or None. Native libraries say so in their own words, not as
+    MemoryError; torch.cuda.OutOfMemoryError is matched by name, so this module never imports torch."""
+    for e in exception_chain(exc):
+        if type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, torch.cuda.OutOfMemoryError
+            return "cuda_out_of_memory" if "cuda" in str(e).lower() or "cuda" in type(e).__module__ else \
+                "device_out_of_memory"
+        if isinstance(e, MemoryError):
+            return "memory_error"
+        if any(marker in f"{type(e).__name__} {e}".lower() for marker in _OOM_MARKERS):
+            return "allocation_failed"
+    return None
+
+
+def _file_too_large(exc: BaseException) -> bool:
+    return any(isinstance(e, OSError) and e.errno == errno.EFBIG for e in exception_chain(exc))
+
+
+def _root(exc: BaseException) -> BaseException:
+    *_, root = exception_chain(exc)
+    return root
+
+
+def _with_cause(message: str, exc: BaseException) -> str:
+    """message, plus the text of the deepest exception behind exc (short) unless the message already says it."""
+    root = _root(exc)
+    text = str(root)[:300]
+    if root is exc or (text and text[:80] in message):
+        return message
+    return f"{message} (cause: {type(root).__name__}: {text})"
+
+
+def _versions() -> str:
+    from worker.engine.report import runtime_versions
+
+    return ", ".join(f"{name} {version}" for name, version in runtime_versions().items())
+
+
+def _error(exc: BaseException, op: str, max_file_bytes: int) -> dict[str, str | None]:
+    """The job error of an exception raised by the engine. Order matters: resource exhaustion first, because
+    handlers wrap a library's MemoryError in their own EngineError."""
+    from worker.engine.types import EngineError
+
+    if (oom := _oom_reason(exc)) is not None:
+        root = _root(exc)
+        message = f"the job needed more memory than it could get ({type(root).__name__}: {str(root)[:300]})"
+        if root is not exc:
+            message += f"; while: {str(exc)[:300]}"
+        return public_error("out_of_memory", message, oom)
+    if _file_too_large(exc):
+        return public_error("unsupported", f"the engine tried to write a file larger than the limit of "
+                            f"{max_file_bytes} bytes (QUANTSERVE_MAX_ARTIFACT_BYTES): the model is too large "
+                            "for this deployment", "file_too_large")
+    if isinstance(exc, EngineError):
+        return public_error(exc.code, _with_cause(str(exc), exc), getattr(exc, "reason", None))
+    if op == "quantize":  # a library failed where it should not have: ours to fix, so say what to report
+        return public_error("engine_error", f"the quantization library failed: {type(exc).__name__}: "
+                            f"{str(exc)[:500]} (runtimes: {_versions()}); please report this", "library_failure")
+    return public_error("internal", f"{type(exc).__name__}: {str(exc)[:500]}")
 
 
 def die_with_parent(sig: int = 9) -> None:
@@ -56,10 +141,19 @@ def die_with_parent(sig: int = 9) -> None:
         os._exit(1)
 
 
-def _apply_limits() -> None:
-    # No core dumps of user models. Memory is guarded by the supervisor, which watches resident memory:
-    # an RLIMIT_AS cap makes torch and onnxruntime crash at import (they reserve address space they never use).
+def apply_limits(max_file_bytes: int = 0) -> None:
+    """The rlimits of the module docstring; 0 = no file-size limit. Never raises a hard limit."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    _lower(resource.RLIMIT_NOFILE, MAX_OPEN_FILES)
+    if max_file_bytes > 0:
+        _lower(resource.RLIMIT_FSIZE, max_file_bytes)
+
+
+def _lower(limit: int, value: int) -> None:
+    soft, hard = resource.getrlimit(limit)
+    value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+    if soft == resource.RLIM_INFINITY or soft > value:
+        resource.setrlimit(limit, (value, value))  # hard too: a model that runs code cannot raise it again
 
 
 def _run(request: dict[str, Any]) -> dict[str, Any]:
@@ -94,22 +188,13 @@ def main(argv: list[str]) -> int:
     request = json.loads(Path(argv[1]).read_text())
     result_path = Path(request["result_path"])
     die_with_parent()
-    _apply_limits()
-    from worker.engine.types import EngineError
-
+    max_file_bytes = int(request.get("max_file_bytes") or 0)
+    apply_limits(max_file_bytes)
     try:
         outcome = {"ok": True, "result": _run(request)}
-    except EngineError as exc:
-        code = "out_of_memory" if exc.__cause__ is not None and _is_out_of_memory(exc.__cause__) else exc.code
-        outcome = {"ok": False, "error": public_error(code, str(exc))}
-    except Exception as exc:  # out of memory, a bug, or an unexpected library failure
+    except Exception as exc:  # an EngineError (the user's to fix), out of memory, a library failure, or a bug
         traceback.print_exc(file=sys.stderr)
-        if _is_out_of_memory(exc):
-            outcome = {"ok": False, "error": {
-                "code": "out_of_memory",
-                "message": f"the job needed more memory than its limit allows ({str(exc)[:200]})"}}
-        else:
-            outcome = {"ok": False, "error": {"code": "internal", "message": f"{exc.__class__.__name__}: {exc}"}}
+        outcome = {"ok": False, "error": _error(exc, request.get("op", ""), max_file_bytes)}
     result_path.write_text(json.dumps(outcome, default=str))
     return 0
 

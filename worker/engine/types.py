@@ -107,6 +107,12 @@ class QuantizeResult:
     report: dict[str, Any] = field(default_factory=dict)  # extra report.json fields (versions, cpu, ...)
 
 
+# Every `stage` a job reports, roughly in the order a job passes them (not every job passes all). README.md
+# ("Stages") describes each and mirrors this list; tests/unit/test_stages.py checks that every
+# progress("<stage>", ...) in worker/ names one of these.
+STAGES: tuple[str, ...] = ("loading", "preparing", "calibrating", "training", "quantizing", "checking",
+                           "packaging", "compiling", "evaluating", "benchmarking", "done")
+
 # progress(stage, fraction in 0..1 within the whole job); log(level, message)
 ProgressFn = Callable[[str, float], None]
 LogFn = Callable[[str, str], None]
