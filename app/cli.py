@@ -69,9 +69,17 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     _settings(args)
+    from worker import devices
     from worker.celery_app import celery_app
 
-    argv = ["worker", "--queues", args.queues, "--loglevel", args.loglevel]
+    # Only the queues of devices this host really has: a gpu worker without CUDA would take cuda jobs and fail them.
+    queues, dropped = devices.usable_queues([q.strip() for q in args.queues.split(",") if q.strip()])
+    for why in dropped.values():
+        print(f"quantserve worker: {why}", file=sys.stderr, flush=True)
+    if not queues:
+        print("quantserve worker: no queue left to consume; start it with --queues cpu", file=sys.stderr)
+        return 2
+    argv = ["worker", "--queues", ",".join(queues), "--loglevel", args.loglevel]
     if args.concurrency:
         argv += ["--concurrency", str(args.concurrency)]
     if args.hostname:
@@ -109,7 +117,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # The worker gets SIGTERM (a warm shutdown) when this process ends, however it ends: uvicorn re-raises
     # the signal that stopped it, so a `finally` here would not run.
-    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--queues", "cpu",
+    # cpu and gpu: the worker drops gpu unless it finds CUDA, so `serve` on a GPU machine serves cuda jobs too.
+    # Until it has published what it serves, a cpu job is accepted and waits (app/services/jobs.py).
+    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--queues", "cpu,gpu",
                                "--hostname", "embedded@%h"], env=os.environ.copy(),
                               preexec_fn=lambda: die_with_parent(signal.SIGTERM))
     try:
@@ -143,15 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
     api.set_defaults(func=cmd_api)
 
     worker = with_data_dir(sub.add_parser("worker", help="run a Celery worker"))
-    worker.add_argument("--queues", default="cpu", help="comma-separated: cpu, gpu")
+    worker.add_argument("--queues", default="cpu", help="comma-separated: cpu, gpu (gpu only where CUDA is found)")
     worker.add_argument("--concurrency", type=int, default=0)
     worker.add_argument("--hostname", default="")
     worker.add_argument("--loglevel", default="info")
     worker.set_defaults(func=cmd_worker)
 
-    from app import quantize_cli
-
-    quantize_cli.add_parser(sub)
+    # Parsed by the engine's own CLI (worker/engine/cli.py): registered here only by name, so the API's
+    # install, which has no torch, still lists it and answers with an install hint.
+    quantize = sub.add_parser("quantize", help="quantize a local model file with the engine (needs the worker "
+                                               "extra); `quantserve quantize --help` lists its options",
+                              add_help=False)
+    quantize.add_argument("engine_args", nargs=argparse.REMAINDER)
+    quantize.set_defaults(func=cmd_quantize)
 
     with_data_dir(sub.add_parser("migrate", help="apply database migrations")).set_defaults(func=cmd_migrate)
 
@@ -169,7 +183,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+WORKER_EXTRA_HINT = ("quantserve quantize runs the engine, which this install does not have (missing module "
+                     "{missing!r}); install it with: pip install 'quantserve[worker]'")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    try:
+        from worker.engine import cli as engine_cli
+    except ModuleNotFoundError as exc:
+        print(WORKER_EXTRA_HINT.format(missing=exc.name), file=sys.stderr)
+        return 2
+    return engine_cli.main(args.engine_args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["quantize"]:  # everything after it is the engine CLI's, options included
+        return cmd_quantize(argparse.Namespace(engine_args=argv[1:]))
     args = build_parser().parse_args(argv)
     return args.func(args)
 
