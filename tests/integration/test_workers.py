@@ -18,6 +18,7 @@ from tests import models
 from tests.conftest import Service, start_worker, stop
 from tests.integration.helpers import submit, upload_model
 from worker.devices import cpu_flags
+from worker.engine import registry
 from worker.engine.report import host_info
 
 
@@ -46,7 +47,7 @@ def test_capabilities_list_the_live_workers_cpu_with_its_flags(service: Service)
     (cpu,) = [d for d in doc["live_devices"] if d["device"] == "cpu"]
     assert cpu["name"] == host_info()["model"] and cpu["flags"] == cpu_flags()
     assert "onnx/dynamic" in cpu["methods"] and cpu["queue"] == "cpu" and cpu["workers"] >= 1
-    assert doc["devices"] == ["cpu"] and doc["queues"] == ["cpu"]  # the registry's own view, as before
+    assert doc["devices"] == registry.devices()  # the registry's own view, as before
 
 
 def test_a_cuda_job_on_a_host_without_a_gpu_is_422_naming_cpu_as_served(service: Service, tmp_path: Path) -> None:
@@ -59,6 +60,43 @@ def test_a_cuda_job_on_a_host_without_a_gpu_is_422_naming_cpu_as_served(service:
     problem = response.json()
     assert "no live worker serves device 'cuda'; served: cpu" in problem["detail"], problem
     assert ["body", "device"] in [e["loc"] for e in problem["errors"]]
+
+
+def _cuda_pair() -> tuple[str, str] | None:
+    pairs = sorted((f.value, m.value) for (f, m), spec in registry.SPECS.items() if "cuda" in spec.devices)
+    return ("torch_export", "weight_only") if ("torch_export", "weight_only") in pairs else None
+
+
+@pytest.mark.skipif(_cuda_pair() is None, reason="the registry has no cuda entry for torch_export/weight_only")
+def test_a_cuda_job_goes_to_the_gpu_queue_only_while_a_live_worker_serves_cuda(service: Service, db: Engine,
+                                                                               tmp_path: Path) -> None:
+    import redis
+
+    _capabilities(service, until=lambda d: "cpu" in d["served_devices"])
+    client = service.client("devices")
+    path = models.save_torch_export(models.wide_mlp(), torch.zeros(2, 1, 8, 8), tmp_path / "m.pt2")
+    body = {"model_id": upload_model(client, path)["id"], "method": "weight_only", "device": "cuda"}
+    refused = submit(client, body)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"] == "no live worker serves device 'cuda'; served: cpu"
+    hostname = f"gpu-{uuid.uuid4().hex[:6]}@test"
+    with Session(db) as session, session.begin():  # a gpu worker that has published, but takes nothing here
+        session.add(Worker(hostname=hostname, queues=["gpu"], devices={"cuda": {"name": "Test GPU"}},
+                           capabilities={"cuda": ["torch_export/weight_only"]}, started_at=utcnow(),
+                           last_seen=utcnow()))
+    try:
+        accepted = submit(client, body)
+        assert accepted.status_code == 202, accepted.text
+        queue = redis.Redis.from_url(service.env["QUANTSERVE_BROKER_URL"])
+        gpu_key = service.env["QUANTSERVE_BROKER_KEY_PREFIX"] + "gpu"
+        deadline = time.monotonic() + 30
+        while queue.llen(gpu_key) == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert queue.llen(gpu_key) > 0, "the cuda job was not published to the gpu queue"
+        assert client.post(f"/v1/jobs/{accepted.json()['id']}/cancel").status_code == 200
+    finally:
+        with Session(db) as session, session.begin():
+            session.execute(delete(Worker).where(Worker.hostname == hostname))
 
 
 def test_a_worker_whose_heartbeat_is_stale_is_not_listed(service: Service, db: Engine) -> None:
