@@ -104,3 +104,17 @@ def test_a_stopped_job_kills_the_engine(tmp_path: Path) -> None:
     with pytest.raises(sandbox.Stopped):
         sandbox.run({"op": "inspect_model", "path": os.devnull, "format": "onnx"}, tmp_path,
                     keep_going=lambda: False, check_every_s=0.0)
+
+
+def test_every_documented_variable_is_read_and_every_setting_is_documented() -> None:
+    import re
+
+    from app.settings import Settings
+    from tests.conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Configuration"):readme.index("## Reading a report")]
+    documented = set(re.findall(r"^\| `(QUANTSERVE_[A-Z0-9_]+)` \|", table, re.M))
+    settings = {f"QUANTSERVE_{name.upper()}" for name in Settings.model_fields}
+    assert documented - settings - set(sandbox.ENGINE_SETTINGS) == set(), "documented but read by nothing"
+    assert settings - documented == set(), "settings missing from README's Configuration table"
