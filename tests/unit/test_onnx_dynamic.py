@@ -202,9 +202,9 @@ def test_outlier_channel_is_smoothed_into_the_weights_and_stays_int8(tmp_path: P
 
 def test_outlier_layer_is_kept_float_to_reach_cosine_target(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker.engine.methods import onnx_dynamic
+    from worker.engine.onnx import smoothing
 
-    monkeypatch.setattr(onnx_dynamic, "SMOOTHING_ALPHAS", ())  # smoothing would fix it first
+    monkeypatch.setattr(smoothing, "SMOOTHING_ALPHAS", ())  # smoothing would fix it first
     path, dataset = _outlier_transformer(tmp_path)
     metrics = quantize(path, "onnx", "dynamic", {}, tmp_path / "job", evaluation_path=dataset).metrics
     layers = {layer["name"]: layer for layer in metrics["layers"]}
@@ -262,8 +262,8 @@ def test_format_modules_resolve_and_unknown_formats_are_refused() -> None:
 
     with pytest.raises(UnsupportedModel):
         loaders.for_format("keras")
-    assert loaders.for_format("onnx").__name__ == "worker.engine.formats.onnx"
-    assert loaders.for_format("hf").__name__ == "worker.engine.formats.hf"
+    assert loaders.for_format("onnx").__name__ == "worker.engine.onnx.common"
+    assert loaders.for_format("hf").__name__ == "worker.engine.hf.common"
 
 
 def test_failed_pre_process_falls_back_and_says_the_lstm_stayed_float(
@@ -281,13 +281,13 @@ def test_failed_pre_process_falls_back_and_says_the_lstm_stayed_float(
     warnings = " | ".join(result.metrics["warnings"])
     assert "1 of 1 LSTM layer(s) stayed float" in warnings and "pre-processing failed" in warnings
     assert "DynamicQuantizeLSTM" not in _ops(result.artifacts[0].path)
-    assert any(level == "warning" and "quant_pre_process failed" in message for level, message in logs)
+    assert any(level == "warning" and "pre-processing step 'symbolic' failed" in message for level, message in logs)
     assert sorted(p.name for p in (tmp_path / "job").iterdir()) == ["model.int8.onnx"]
 
 
 def test_collapse_check_retries_with_reduce_range(mlp_onnx: Path, digits_eval: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker.engine.methods import onnx_dynamic
+    from worker.engine.onnx import dynamic as onnx_dynamic
 
     monkeypatch.setattr(onnx_dynamic, "COLLAPSE_COSINE", 1.01)  # treat any result as a collapse
     logs: list[str] = []
@@ -295,5 +295,10 @@ def test_collapse_check_retries_with_reduce_range(mlp_onnx: Path, digits_eval: P
                       log=lambda level, message: logs.append(message))
     assert any("with reduce_range" in message for message in logs)
     assert result.metrics["fidelity"]["top1_agreement"] >= 0.95
-    assert result.report["onnx_dynamic"]["reduce_range"] in (True, False)
+    # the report says which weights the artifact holds: 7-bit ones stay within [-64, 63]
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(result.artifacts[0].path)).graph.initializer
+               if t.name.endswith("_quantized") and t.data_type == onnx.TensorProto.INT8]
+    widest = max(int(np.abs(w.astype(np.int16)).max()) for w in weights)
+    assert result.report["onnx_dynamic"]["reduce_range"] == (widest <= 64)
+    assert result.report["onnx_dynamic"]["reduce_range"] == any("reduce_range" in w for w in result.metrics["warnings"])
     assert set(result.report) >= {"versions", "host"} and "onnxruntime" in result.report["versions"]

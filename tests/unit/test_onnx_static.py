@@ -218,7 +218,7 @@ def test_cpu_without_vnni_quantizes_weights_to_7_bits(cnn_onnx: Path, digits_cal
 
 def test_collapse_check_retries_with_reduce_range(cnn_onnx: Path, digits_calibration: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker.engine.methods import onnx_static
+    from worker.engine.onnx import static as onnx_static
 
     monkeypatch.setattr(onnx_static, "COLLAPSE_COSINE", 1.01)  # treat any result as a collapse
     logs: list[str] = []

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tests import models
 from worker.engine import EngineError, quantize
 from worker.engine.config import WeightOnlyConfig
-from worker.engine.formats import onnx_rewrite
+from worker.engine.onnx import rewrite as onnx_rewrite
 
 
 @pytest.fixture(scope="module", autouse=True)

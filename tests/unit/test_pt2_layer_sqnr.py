@@ -10,8 +10,8 @@ import torch
 
 from tests import models
 from worker.engine import quantize
-from worker.engine.methods import pt2_layer_sqnr
-from worker.engine.methods.pt2e_deliver import AOTI_ENV
+from worker.engine.torch_export import layer_sqnr as pt2_layer_sqnr
+from worker.engine.torch_export.aoti import AOTI_ENV
 
 LAYERS = {"fc1", "fc2", "head"}
 

@@ -58,3 +58,26 @@ def test_quantize_cli_takes_a_hugging_face_folder_in_place(tmp_path: Path) -> No
     assert "perplexity" in run.stderr
     run = _cli(tmp_path / "out", "--method", "weight_only", "-o", tmp_path / "again")  # no config.json there
     assert run.returncode == 2 and "not a Hugging Face folder" in " ".join(run.stderr.split())  # rich wraps lines
+
+
+def test_quantize_cli_without_the_worker_extra_says_what_to_install(tmp_path: Path) -> None:
+    # A real virtualenv with the API's dependencies only, as the API image has: no torch, no rich.
+    import os
+    import shutil
+
+    root = Path(__file__).resolve().parents[2]
+    source = tmp_path / "src"
+    shutil.copytree(root, source, ignore=shutil.ignore_patterns(".venv", ".git", "*.egg-info", "build", "tests"))
+    env = tmp_path / "api-only"
+    subprocess.run([sys.executable, "-m", "venv", str(env)], check=True, timeout=120)
+    install = subprocess.run([str(env / "bin" / "pip"), "install", "-q", str(source)], capture_output=True,
+                             text=True, timeout=600, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    assert install.returncode == 0, install.stderr[-2000:]
+    check = subprocess.run([str(env / "bin" / "python"), "-c", "import torch"], capture_output=True)
+    assert check.returncode != 0  # really without the worker extra
+    run = subprocess.run([str(env / "bin" / "quantserve"), "quantize", str(tmp_path / "model.onnx"), "--method",
+                          "dynamic", "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "pip install 'quantserve[worker]'" in run.stderr and "Traceback" not in run.stderr
+    listed = subprocess.run([str(env / "bin" / "quantserve"), "--help"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and "quantize" in listed.stdout

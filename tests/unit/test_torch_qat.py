@@ -1,7 +1,8 @@
 """QAT on torch.export programs: trains without labels, converts without losing what it trained, says why it fails.
 
 As in test_torch_static.py, the default run sets QUANTSERVE_AOTI=0 (no AOTInductor compile); the
-recovery test trains a 32x32 CNN for a few epochs and is marked `slow`.
+recovery test trains a 32x32 CNN for a few epochs and is marked `slow`. Training on cuda is tested in
+test_cuda_paths.py.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401 - the int8 .pt2 uses quantized_decomposed ops
 
 from tests import models
-from worker.engine import EngineError, JobContext, quantize
+from worker.engine import EngineError, quantize
 from worker.engine.config import QATConfig
-from worker.engine.methods.pt2e_deliver import AOTI_ENV
-from worker.engine.types import Device, Method, ModelFormat
+from worker.engine.torch_export.aoti import AOTI_ENV
 
 
 @pytest.fixture(scope="module")
@@ -105,20 +105,3 @@ def test_qat_recovers_at_least_half_of_what_4bit_ptq_loses(tmp_path: Path, monke
     with torch.no_grad():  # the saved artifact itself, on the whole held-out set
         out = torch.export.load(str(qat_result.artifacts[0].path)).module()(torch.from_numpy(x_test))
     assert np.mean(out.numpy().argmax(1) == y_test) >= ptq["quantized"] + drop / 2 - 0.01
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_qat_trains_on_cuda_and_delivers_a_cpu_artifact(digits: dict, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    # the handler directly: the registry offers qat on cpu only until this test has passed on a GPU
-    from worker.engine.methods import torch_export_qat
-
-    monkeypatch.setenv(AOTI_ENV, "0")
-    ctx = JobContext(model_path=digits["model"], format=ModelFormat.torch_export, method=Method.qat,
-                     config=QATConfig(epochs=1), work_dir=tmp_path, device=Device.cuda,
-                     training_path=digits["training"], evaluation_path=digits["evaluation"])
-    result = torch_export_qat.run(ctx)
-    details = result.report["torch_export_qat"]
-    assert details["device"] == "cuda" and details["fake_quant_vs_converted"]["cosine_min"] >= 0.999
-    assert abs(result.metrics["accuracy"]["delta"]) <= 0.02

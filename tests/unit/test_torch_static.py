@@ -16,7 +16,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401 - the int8 .pt2 uses q
 
 from tests import models
 from worker.engine import EngineError, quantize
-from worker.engine.methods.pt2e_deliver import AOTI_ENV, rename_frozen_params, widen_single_channel_convs
+from worker.engine.torch_export.aoti import AOTI_ENV, rename_frozen_params, widen_single_channel_convs
 
 
 @pytest.fixture(scope="module")

@@ -95,7 +95,8 @@ def test_only_rtn_is_offered(mlp_file: Path, tmp_path: Path) -> None:
     spec = resolve("torch_export", "weight_only")
     assert spec.dtypes == ("int8", "int4")
     config = spec.config_model(algorithm="hqq")
-    assert spec.config_problems(config) == [("algorithm", "'hqq' is not available: only rtn for torch.export on cpu")]
-    assert spec.config_problems(spec.config_model()) == []
+    assert spec.config_problems(config, "cpu") == [
+        ("algorithm", "'hqq' is not available: only rtn for torch.export on cpu")]
+    assert spec.config_problems(spec.config_model(), "cpu") == []
     with pytest.raises(EngineError, match="only rtn for torch.export on cpu"):
         quantize(mlp_file, "torch_export", "weight_only", {"algorithm": "hqq"}, tmp_path)

@@ -12,8 +12,8 @@ import torch
 from tests import models
 from worker.engine import quantize
 from worker.engine.config import StaticConfig
-from worker.engine.methods import ts_layer_sqnr
-from worker.engine.methods.torchscript_static import _qconfig
+from worker.engine.torchscript import layer_sqnr as ts_layer_sqnr
+from worker.engine.torchscript.static import _qconfig
 
 
 def _example() -> torch.Tensor:

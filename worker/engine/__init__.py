@@ -6,11 +6,12 @@ functions that need them, so importing this package stays lean.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from worker.engine import accelerator
 from worker.engine.config import MethodConfig
+from worker.engine.context import JobContext
 from worker.engine.registry import SPECS, MethodSpec, UnsupportedMethod, resolve
 from worker.engine.types import (
     DatasetInfo,
@@ -38,25 +39,6 @@ __all__ = [
     "quantize",
     "resolve",
 ]
-
-
-@dataclass
-class JobContext:
-    """Everything a method handler needs; built by quantize()."""
-
-    model_path: Path
-    format: ModelFormat
-    method: Method
-    config: MethodConfig
-    work_dir: Path
-    device: Device = Device.cpu
-    calibration_path: Path | None = None
-    training_path: Path | None = None
-    evaluation_path: Path | None = None
-    progress: ProgressFn = no_progress
-    log: LogFn = no_log
-    model_name: str = "model"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def inspect_model(path: Path, fmt: ModelFormat) -> ModelInfo:
@@ -96,11 +78,12 @@ def quantize(
     spec = resolve(str(fmt), str(method))
     if not isinstance(config, MethodConfig):
         config = spec.config_model.model_validate(config or {})
-    problems = spec.config_problems(config)
-    if problems:
-        raise EngineError("; ".join(f"config.{field}: {why}" for field, why in problems), code="unsupported")
     if Device(device) not in spec.devices:
         raise UnsupportedMethod(str(fmt), f"{method} on {device}")
+    problems = spec.config_problems(config, device)
+    if problems:
+        raise EngineError("; ".join(f"config.{field}: {why}" for field, why in problems), code="unsupported")
+    accelerator.torch_device(device)  # a cuda job on a host without CUDA fails here, before any work
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     ctx = JobContext(

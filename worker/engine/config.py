@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -16,14 +17,17 @@ class MethodConfig(BaseModel):
     @field_validator("exclude")
     @classmethod
     def _regexes_compile(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        import re
-
         for pattern in value:
             try:
                 re.compile(pattern)
             except re.error as exc:
                 raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from exc
         return value
+
+    def excludes(self, *names: str) -> bool:
+        """Whether one of the user's `exclude` regexes matches any of a layer's names (module path, node
+        name, weight name): the one rule every method uses to keep a layer float."""
+        return any(re.search(pattern, name) for pattern in self.exclude for name in names)
 
     def required_datasets(self) -> set[str]:
         """Dataset roles ("calibration", "training") this config cannot run without, beyond the method's own.

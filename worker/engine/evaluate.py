@@ -16,7 +16,7 @@ from worker.engine import metrics as m
 from worker.engine.types import EngineError, TensorSpec
 
 if TYPE_CHECKING:
-    from worker.engine import JobContext
+    from worker.engine.context import JobContext
 
 Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 
@@ -150,8 +150,10 @@ def _run_all(runner: Runner, samples: Samples, which: str,
             raise
         except Exception as exc:  # a runtime's own error types: say which model and sample failed
             shapes = {k: _describe(v.dtype.name, v.shape) for k, v in batch.items()}
+            # the float model failing is the data's fault; the quantized one failing where the float one ran is ours
+            code = "evaluation_failed" if which == "float" else "engine_error"
             raise EngineError(f"the {which} model failed on {samples.source} sample {i} {shapes}: {exc}",
-                              code="evaluation_failed") from exc
+                              code=code) from exc
         if i % step == 0:
             progress(i / len(samples.batches))
     return outs
@@ -177,8 +179,11 @@ def _latency(float_fn: Callable[[], Any], quant_fn: Callable[[], Any], runs: int
 
 def measure(ctx: JobContext, float_runner: Runner, quant_runner: Runner, samples: Samples, *,
             original_bytes: int, quantized_bytes: int, runtime: str, layers: list[dict],
-            latency_runs: int = 200, extra_warnings: Sequence[str] = ()) -> dict:
-    """Size, fidelity, accuracy and latency of a quantized model against its float original."""
+            latency_runs: int = 200, extra_warnings: Sequence[str] = (),
+            output_names: Sequence[str] | None = None) -> dict:
+    """Size, fidelity, accuracy and latency of a quantized model against its float original.
+
+    Fidelity is measured per output (fidelity.outputs) and headlined by the worst one."""
     warnings = [*samples.warnings, *extra_warnings]
     ctx.progress("evaluating", 0.80)
     float_outs = _run_all(float_runner, samples, "float", lambda f: ctx.progress("evaluating", 0.80 + 0.05 * f))
@@ -191,11 +196,16 @@ def measure(ctx: JobContext, float_runner: Runner, quant_runner: Runner, samples
     agreement = m.top1_agreement(first_f, first_q)  # None unless the first output is [batch, classes] scores
     float_outs = [unpadded(b, o) for b, o in zip(samples.batches, float_outs, strict=True)]
     quant_outs = [unpadded(b, o) for b, o in zip(samples.batches, quant_outs, strict=True)]
-    cos_mean, cos_min = m.cosine(float_outs, quant_outs)
+    # every figure is the worst output's: a report never looks better than its weakest output
+    outputs = m.per_output(float_outs, quant_outs, output_names)
+    worst = min(outputs, key=lambda r: (not r["collapsed_to_zero"], r["cosine"]))
+    cos_mean = 0.0 if worst["collapsed_to_zero"] else worst["cosine"]
+    cos_min = min(r["cosine_min"] for r in outputs)
     fidelity = {"source": samples.source, "samples": len(float_outs),  # every sample measured, after the cap
-                "sqnr_db": round(m.sqnr_db(float_outs, quant_outs), 2),
+                "sqnr_db": min(r["sqnr_db"] for r in outputs),
                 "cosine": round(cos_mean, 6), "cosine_min": round(cos_min, 6),
-                "top1_agreement": None if agreement is None else round(agreement, 4)}
+                "top1_agreement": None if agreement is None else round(agreement, 4),
+                "worst_output": worst["name"], "outputs": outputs}
 
     accuracy = None
     if samples.labels is not None:
@@ -214,9 +224,17 @@ def measure(ctx: JobContext, float_runner: Runner, quant_runner: Runner, samples
     if ratio > 0.9:
         warnings.append(f"size did not move: the quantized model is {ratio:.0%} of the original, so most "
                         "weights stayed float")
+    dead = [r["name"] for r in outputs if r["collapsed_to_zero"]]
+    if dead:
+        warnings.append(f"output(s) {', '.join(dead)} collapsed to all zeros where the float model's are not: "
+                        "the quantized model lost what they carry; do not serve it")
     if cos_mean < 0.9:
-        warnings.append(f"fidelity collapsed: outputs have a mean cosine of {cos_mean:.3f} to the float "
+        where = f"output {worst['name']} has" if len(outputs) > 1 else "outputs have"
+        warnings.append(f"fidelity collapsed: {where} a mean cosine of {cos_mean:.3f} to the float "
                         f"model's (worst sample {cos_min:.3f}); do not serve this model unchecked")
+    elif len(outputs) > 1 and cos_min < 0.9:
+        warnings.append(f"some samples lost fidelity: worst per-sample cosine {cos_min:.3f} (output "
+                        f"{min(outputs, key=lambda r: r['cosine_min'])['name']})")
     if agreement is not None and agreement < 0.9:
         warnings.append(f"the quantized model picks the same top-1 class as the float model on only "
                         f"{agreement:.0%} of samples")

@@ -27,11 +27,20 @@ class MethodSpec(NamedTuple):
     needs_calibration: bool = False
     needs_training: bool = False
     dtypes: tuple[str, ...] = ("int8",)
-    # What this backend cannot do within the shared config: [(field, why)], checked before queueing.
-    option_limits: Callable[[Any], list[tuple[str, str]]] | None = None
+    # What this backend cannot do within the shared config on a device: (config, device) -> [(field, why)],
+    # checked before queueing. Written per device where the backends differ (torch.export int4 on cuda).
+    option_limits: Callable[[Any, Device], list[tuple[str, str]]] | None = None
 
-    def config_problems(self, config: MethodConfig) -> list[tuple[str, str]]:
-        return self.option_limits(config) if self.option_limits else []
+    def config_problems(self, config: MethodConfig, device: Device | str | None = None) -> list[tuple[str, str]]:
+        """What `config` asks of this pair that the backend cannot do on `device`. Without a device: only
+        the fields that no device of this pair can serve (a caller that does not know the device yet)."""
+        if self.option_limits is None:
+            return []
+        if device is not None:
+            return self.option_limits(config, Device(device))
+        per_device = [self.option_limits(config, d) for d in sorted(self.devices)]
+        everywhere = set.intersection(*({field for field, _ in problems} for problems in per_device))
+        return [(field, why) for field, why in per_device[0] if field in everywhere]
 
     def load_handler(self) -> Callable[..., Any]:
         module_name, _, attr = self.handler.partition(":")
@@ -49,9 +58,10 @@ class UnsupportedMethod(EngineError):
 
 
 _CPU = frozenset({Device.cpu})
+_CPU_CUDA = frozenset({Device.cpu, Device.cuda})
 
 
-def _onnx_weight_only_limits(config: WeightOnlyConfig) -> list[tuple[str, str]]:
+def _onnx_weight_only_limits(config: WeightOnlyConfig, device: Device) -> list[tuple[str, str]]:  # noqa: ARG001
     """onnxruntime 1.32's MatMulNBits quantizers: block-wise only, HQQ/GPTQ 4-bit only, AWQ needs a GPU."""
     problems = []
     if config.group_size == -1 or config.granularity == "per_channel":
@@ -63,7 +73,7 @@ def _onnx_weight_only_limits(config: WeightOnlyConfig) -> list[tuple[str, str]]:
     return problems
 
 
-def _torch_static_limits(config: StaticConfig) -> list[tuple[str, str]]:
+def _torch_static_limits(config: StaticConfig, device: Device) -> list[tuple[str, str]]:  # noqa: ARG001
     """torchao's PT2E and torch.ao's JIT quantization offer min/max and histogram observers only."""
     algorithm = config.calibration.algorithm
     if algorithm in ("entropy", "percentile"):
@@ -71,14 +81,27 @@ def _torch_static_limits(config: StaticConfig) -> list[tuple[str, str]]:
     return []
 
 
-def _torch_weight_only_limits(config: WeightOnlyConfig) -> list[tuple[str, str]]:
-    """torchao weight-only on a .pt2 here: round to nearest only (no GPTQ/AWQ/HQQ path runs on this CPU)."""
-    if config.algorithm != "rtn":
-        return [("algorithm", f"{config.algorithm!r} is not available: only rtn for torch.export on cpu")]
-    return []
+def _torch_weight_only_limits(config: WeightOnlyConfig, device: Device) -> list[tuple[str, str]]:
+    """torchao weight-only on a .pt2. cpu: round to nearest only (no GPTQ/AWQ/HQQ path runs on a CPU). cuda:
+    torchao's int4 tinygemm layout (torch_export/int4_cuda.py): int4 only, group-wise only (the kernel has
+    no per-channel mode), and rtn or hqq (torchao's data-free HQQ qparams for that layout)."""
+    if device == Device.cpu:
+        if config.algorithm != "rtn":
+            return [("algorithm", f"{config.algorithm!r} is not available: only rtn for torch.export on cpu")]
+        return []
+    problems = []
+    if config.dtype != "int4":
+        problems.append(("dtype", "torch.export weight-only on cuda is int4 (the tinygemm kernel); use dtype "
+                                  "int4, or device cpu for int8"))
+    if config.group_size == -1 or config.granularity == "per_channel":
+        problems.append(("group_size", "the int4 tinygemm kernel is group-wise only; use 32, 64 or 128"))
+    if config.algorithm not in ("rtn", "hqq"):
+        problems.append(("algorithm", f"{config.algorithm!r} is not available for torch.export on cuda; "
+                                      "use rtn or hqq"))
+    return problems
 
 
-def _hf_weight_only_limits(config: WeightOnlyConfig) -> list[tuple[str, str]]:
+def _hf_weight_only_limits(config: WeightOnlyConfig, device: Device) -> list[tuple[str, str]]:  # noqa: ARG001
     """llm-compressor here: round to nearest and GPTQ (AWQ needs per-architecture mappings; HQQ is not in it)."""
     if config.algorithm in ("awq", "hqq"):
         return [("algorithm", f"{config.algorithm!r} is not available for hf models; use rtn or gptq")]
@@ -90,31 +113,31 @@ SPECS: Final[Mapping[tuple[ModelFormat, Method], MethodSpec]] = {
     (s.format, s.method): s
     for s in (
         MethodSpec(ModelFormat.onnx, Method.dynamic, DynamicConfig,
-                   "worker.engine.methods.onnx_dynamic:run", _CPU, Status.stable),
+                   "worker.engine.onnx.dynamic:run", _CPU, Status.stable),
         MethodSpec(ModelFormat.onnx, Method.static, StaticConfig,
-                   "worker.engine.methods.onnx_static:run", _CPU, Status.stable, needs_calibration=True),
+                   "worker.engine.onnx.static:run", _CPU, Status.stable, needs_calibration=True),
         MethodSpec(ModelFormat.onnx, Method.weight_only, WeightOnlyConfig,
-                   "worker.engine.methods.onnx_weight_only:run", _CPU, Status.stable, dtypes=("int8", "int4"),
+                   "worker.engine.onnx.weight_only:run", _CPU, Status.stable, dtypes=("int8", "int4"),
                    option_limits=_onnx_weight_only_limits),
         MethodSpec(ModelFormat.torchscript, Method.dynamic, DynamicConfig,
-                   "worker.engine.methods.torchscript_dynamic:run", _CPU, Status.legacy),
+                   "worker.engine.torchscript.dynamic:run", _CPU, Status.legacy),
         MethodSpec(ModelFormat.torch_export, Method.dynamic, DynamicConfig,
-                   "worker.engine.methods.torch_export_dynamic:run", _CPU, Status.experimental),
+                   "worker.engine.torch_export.dynamic:run", _CPU, Status.experimental),
         MethodSpec(ModelFormat.torch_export, Method.static, TorchExportStaticConfig,
-                   "worker.engine.methods.torch_export_static:run", _CPU, Status.stable, needs_calibration=True,
+                   "worker.engine.torch_export.static:run", _CPU, Status.stable, needs_calibration=True,
                    option_limits=_torch_static_limits),
         MethodSpec(ModelFormat.torchscript, Method.static, StaticConfig,
-                   "worker.engine.methods.torchscript_static:run", _CPU, Status.legacy, needs_calibration=True,
+                   "worker.engine.torchscript.static:run", _CPU, Status.legacy, needs_calibration=True,
                    option_limits=_torch_static_limits),
         MethodSpec(ModelFormat.torch_export, Method.weight_only, WeightOnlyConfig,
-                   "worker.engine.methods.torch_export_weight_only:run", _CPU, Status.experimental,
+                   "worker.engine.torch_export.weight_only:run", _CPU_CUDA, Status.experimental,
                    dtypes=("int8", "int4"), option_limits=_torch_weight_only_limits),
         MethodSpec(ModelFormat.hf, Method.weight_only, WeightOnlyConfig,
-                   "worker.engine.methods.hf_weight_only:run", _CPU, Status.experimental, dtypes=("int8", "int4"),
+                   "worker.engine.hf.weight_only:run", _CPU_CUDA, Status.experimental, dtypes=("int8", "int4"),
                    option_limits=_hf_weight_only_limits),
-        # cpu only until the cuda training path has run on a GPU (tests/unit/test_torch_qat.py, marker gpu)
+        # cuda: training only; convert and delivery run on the CPU (tests/unit/test_cuda_paths.py, marker gpu)
         MethodSpec(ModelFormat.torch_export, Method.qat, QATConfig,
-                   "worker.engine.methods.torch_export_qat:run", _CPU, Status.experimental, needs_training=True),
+                   "worker.engine.torch_export.qat:run", _CPU_CUDA, Status.experimental, needs_training=True),
     )
 }
 

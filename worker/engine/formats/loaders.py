@@ -8,10 +8,10 @@ from types import ModuleType
 from worker.engine.types import ModelFormat, UnsupportedModel
 
 _MODULES = {
-    ModelFormat.onnx: "worker.engine.formats.onnx",
-    ModelFormat.torchscript: "worker.engine.formats.torchscript",
-    ModelFormat.torch_export: "worker.engine.formats.torch_export",
-    ModelFormat.hf: "worker.engine.formats.hf",
+    ModelFormat.onnx: "worker.engine.onnx.common",
+    ModelFormat.torchscript: "worker.engine.torchscript.common",
+    ModelFormat.torch_export: "worker.engine.torch_export.common",
+    ModelFormat.hf: "worker.engine.hf.common",
 }
 
 

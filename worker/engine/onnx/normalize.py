@@ -32,7 +32,7 @@ class Prepared:
     opset: int  # default-domain opset of `path`: the caller checks it against the opset its path needs
     original_opset: int
     folded_constants: int  # Constant nodes turned into initializers
-    pre_process: str  # "symbolic" | "no_symbolic" | "onnx_shapes" | "none": which quant_pre_process step held
+    pre_process: str  # "symbolic" | "no_symbolic" | "onnx_shapes" | "none" | "skipped": which step held
     full_check: bool  # the upload passes onnx.checker's full_check, so an artifact must too
     warnings: list[str] = field(default_factory=list)  # plain sentences for the user
 
@@ -229,18 +229,19 @@ def pre_process(src: Path, dst: Path, log: Log, check: Callable[[Path], str | No
         if fault is None:
             log("info", f"pre-processing: step '{name}' succeeded")
             return name
-        log("warning", f"pre-processing: step '{name}' failed: {fault}")
+        log("warning", f"pre-processing step '{name}' failed: {fault}")
     for leftover in written:
         leftover.unlink(missing_ok=True)
     return "none"
 
 
 def prepare(model_path: Path, scratch: Path, *, min_opset: int, log: Log,
-            feeds: Mapping[str, np.ndarray] | None = None) -> Prepared:
+            feeds: Mapping[str, np.ndarray] | None = None, optimize: bool = True) -> Prepared:
     """Normalise model_path into scratch for a method that needs opset >= min_opset (13: per-channel QDQ,
     21: int4 DequantizeLinear/Gather; 0: any). A step that fails, or changes the outputs on `feeds`, is skipped
     and the model goes on without it: Prepared.opset says what was reached, Prepared.warnings what the user
-    must hear."""
+    must hear. optimize=False skips quant_pre_process (weight-only needs no fused graph, and keeps the
+    upload's node names)."""
     model_path, scratch = Path(model_path).resolve(), Path(scratch).resolve()
     scratch.mkdir(parents=True, exist_ok=True)
     if min_opset > onnx.defs.onnx_opset_version():
@@ -283,12 +284,15 @@ def prepare(model_path: Path, scratch: Path, *, min_opset: int, log: Log,
         log("info", f"{folded} Constant node(s) turned into initializers")
 
     prepared = scratch / "prepared.onnx"
-    with confined(scratch):
-        step = pre_process(normalized, prepared, log, check)
-    if step == "none":
+    if optimize:
+        with confined(scratch):
+            step = pre_process(normalized, prepared, log, check)
+    else:
+        step = "skipped"
+    if step in ("none", "skipped"):
         prepared = normalized
     if step in ("onnx_shapes", "none"):
-        warnings.append("onnxruntime's pre-processing (quant_pre_process) failed on this model, so its graph "
+        warnings.append("onnxruntime's pre-processing failed on this model (quant_pre_process), so its graph "
                         "was not optimised before quantization; layers whose weights are computed in the graph "
                         "stay float")
     opset = default_opset(onnx.load(str(prepared), load_external_data=False))

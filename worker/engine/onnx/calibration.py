@@ -1,0 +1,85 @@
+"""Calibration for ONNX static quantization: samples in, onnxruntime's tensor ranges out."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from worker.engine.types import EngineError
+
+if TYPE_CHECKING:
+    from worker.engine.config import StaticConfig
+    from worker.engine.context import JobContext
+
+# Our names -> onnxruntime's CalibrationMethod. "histogram" is Distribution, whose int8 range is the
+# symmetric span of the histogram (its avg/std are for float8).
+ALGORITHMS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "histogram": "Distribution"}
+
+
+def _reader(batches: list[dict[str, np.ndarray]], progress: Any) -> Any:
+    """A CalibrationDataReader over batch-1 samples that reports progress as it is read."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.index = 0
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            if self.index >= len(batches):
+                return None
+            if self.index % max(1, len(batches) // 20) == 0:
+                progress(self.index / len(batches))
+            self.index += 1
+            return batches[self.index - 1]
+
+        def __len__(self) -> int:
+            return len(batches)
+
+    return Batches()
+
+
+def calibrate(ctx: JobContext, model_path: Path, op_types: list[str], batches: list[dict[str, np.ndarray]],
+               scratch: Path) -> tuple[Any, str, list[str]]:
+    """Tensor ranges from the calibration samples; the histogram methods cannot take infinite values, so
+    a model that produces them is calibrated with min-max instead (those tensors stay float anyway)."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    config: StaticConfig = ctx.config
+    algorithm = config.calibration.algorithm
+    options = {"percentile": config.calibration.percentile} if algorithm == "percentile" else {}
+
+    def collect(method_name: str) -> Any:
+        with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print their progress
+            calibrator = create_calibrator(
+                model_path, op_types, augmented_model_path=str(scratch / "augmented.onnx"),
+                calibrate_method=CalibrationMethod[method_name], extra_options=options)
+            calibrator.collect_data(_reader(batches, lambda f: ctx.progress("calibrating", 0.15 + 0.3 * f)))
+            return calibrator.compute_data()
+
+    try:
+        return collect(ALGORITHMS[algorithm]), ALGORITHMS[algorithm], []
+    except ValueError as exc:
+        if "not finite" not in str(exc):
+            raise EngineError(f"calibration failed: {exc}", code="evaluation_failed") from exc
+        ctx.log("warning", f"{algorithm} calibration failed on infinite values ({exc}); using minmax")
+        note = (f"{algorithm} calibration cannot handle the infinite values this model produces, so it was "
+                "calibrated with minmax instead")
+    except Exception as exc:  # onnxruntime's own errors while running the calibration samples
+        raise EngineError(f"calibration failed: {exc}", code="evaluation_failed") from exc
+    return collect("MinMax"), "MinMax", [note]
+
+
+def non_finite(ranges: Any) -> list[str]:
+    """Tensors whose calibrated range is not finite (an attention mask of -inf, an overflow)."""
+    bad = []
+    for name, data in ranges.items():
+        lowest, highest = data.range_value
+        if not (np.all(np.isfinite(lowest)) and np.all(np.isfinite(highest))):
+            bad.append(name)
+    return sorted(bad)
+
+
