@@ -52,7 +52,7 @@ def submit(session: Session, tenant_id: uuid.UUID, body: JobCreate, *, max_attem
     served = sorted({d for w in live_workers for d in workers.served_by(w)})
     spec = _resolve_spec(model, body, served)
     _check_device_served(body.device, served, any_live=bool(live_workers))
-    config = _effective_config(spec, body.config)
+    config = _effective_config(spec, body.config, body.device)
     if model.status != "ready":
         raise ModelNotReadyError(f"model {model.id} is {model.status}; wait until it is ready",
                                  errors=[{"loc": ["body", "model_id"], "msg": f"model is {model.status}"}])
@@ -130,14 +130,14 @@ def _resolve_spec(model: Model, body: JobCreate, served: list[str]) -> MethodSpe
     return spec
 
 
-def _effective_config(spec: MethodSpec, raw: dict[str, Any]) -> MethodConfig:
+def _effective_config(spec: MethodSpec, raw: dict[str, Any], device: str) -> MethodConfig:
     try:
         config = spec.config_model.model_validate(raw)
     except ValidationError as exc:
         errors = [{"loc": ["body", "config", *e["loc"]], "msg": e["msg"]} for e in exc.errors()]
         detail = "; ".join(f"config.{'.'.join(str(p) for p in e['loc'][2:])}: {e['msg']}" for e in errors)
         raise ValidationFailedError(detail, errors=errors) from None
-    problems = spec.config_problems(config)
+    problems = spec.config_problems(config, device)  # the device was checked against the spec already
     if problems:
         raise ValidationFailedError("; ".join(f"config.{field}: {why}" for field, why in problems),
                                     errors=[{"loc": ["body", "config", field], "msg": why} for field, why in problems])

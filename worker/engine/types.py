@@ -110,8 +110,8 @@ class QuantizeResult:
 # Every `stage` a job reports, roughly in the order a job passes them (not every job passes all). README.md
 # ("Stages") describes each and mirrors this list; tests/unit/test_stages.py checks that every
 # progress("<stage>", ...) in worker/ names one of these.
-STAGES: tuple[str, ...] = ("loading", "preparing", "calibrating", "training", "quantizing", "checking",
-                           "packaging", "compiling", "evaluating", "benchmarking", "done")
+STAGES: tuple[str, ...] = ("loading", "calibrating", "training", "quantizing", "evaluating", "benchmarking",
+                           "packaging")
 
 # progress(stage, fraction in 0..1 within the whole job); log(level, message)
 ProgressFn = Callable[[str, float], None]

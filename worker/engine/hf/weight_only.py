@@ -235,7 +235,6 @@ def run(ctx: JobContext) -> QuantizeResult:
         metrics["perplexity"], reason = hf_measure.perplexity_metric(float_model, quant_model, samples)
         if reason:
             metrics["warnings"].append(reason)
-    ctx.progress("done", 1.0)
     group = "per_channel" if config.granularity == "per_channel" else config.group_size
     return QuantizeResult(
         artifacts=[ArtifactFile(kind="model", path=archive, filename=archive.name, format="hf")],

@@ -106,7 +106,7 @@ def run(ctx: JobContext) -> QuantizeResult:
     import onnx
 
     config: DynamicConfig = ctx.config
-    ctx.progress("preparing", 0.02)
+    ctx.progress("loading", 0.02)
     original = onnx_common.load(ctx.model_path)
     info = onnx_common.describe(original)
     samples = evaluate.load_samples(ctx, info.inputs)  # fail on a bad dataset before any work
@@ -133,7 +133,7 @@ def run(ctx: JobContext) -> QuantizeResult:
         ctx.progress("quantizing", 0.15)
         _quantize(prepared, output, config, excluded, reduce_range=False)
 
-        ctx.progress("checking", 0.40)
+        ctx.progress("quantizing", 0.40)
         float_tuning = onnx_common.load_runner(model_path, threads=None)
         reference = [evaluate.unpadded(b, float_tuning(b)) for b in tuning]
         cosine = _cosine(reference, output, tuning)
@@ -156,7 +156,7 @@ def run(ctx: JobContext) -> QuantizeResult:
                                 f"quantized to 7 bits (reduce_range) instead (cosine {retry_cosine:.3f})")
                 cosine, reduce_range = retry_cosine, True
 
-        ctx.progress("checking", 0.50)
+        ctx.progress("quantizing", 0.50)
         matmuls = smoothing.capture_matmuls(ctx, model, nodes, tuning, scratch)
         sqnr = smoothing.layer_sqnr(matmuls, config, reduce_range=reduce_range)
         smoothed: dict[str, smoothing.MatMulInput] = {}
@@ -197,7 +197,6 @@ def run(ctx: JobContext) -> QuantizeResult:
 
     metrics = onnx_common.measure_files(ctx, model_path, output, samples, original_bytes=original_bytes,
                                         layers=layers, warnings=warnings)
-    ctx.progress("done", 1.0)
     return QuantizeResult(
         artifacts=[ArtifactFile(kind="model", path=output, filename=output.name, format="onnx")],
         metrics=metrics,

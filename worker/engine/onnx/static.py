@@ -181,7 +181,7 @@ def run(ctx: JobContext) -> QuantizeResult:
 
     config: StaticConfig = ctx.config
     started = time.monotonic()
-    ctx.progress("preparing", 0.02)
+    ctx.progress("loading", 0.02)
     if ctx.calibration_path is None:
         raise EngineError("static quantization needs a calibration dataset (calibration_dataset_id)",
                           code="dataset_mismatch")
@@ -251,7 +251,7 @@ def run(ctx: JobContext) -> QuantizeResult:
 
         ctx.progress("quantizing", 0.5)
         quantize(output, reduce_range)
-        ctx.progress("checking", 0.6)
+        ctx.progress("quantizing", 0.6)
         float_check = onnx_common.load_runner(model_path, threads=None)
         reference = [float_check(b) for b in checks]
         switched, notes = _retry_if_collapsed(ctx, quantize, output, scratch, reference, checks, summary)
@@ -262,7 +262,7 @@ def run(ctx: JobContext) -> QuantizeResult:
         warnings += delivered.warnings
         excluded |= delivered.kept_float
 
-        ctx.progress("checking", 0.7)
+        ctx.progress("quantizing", 0.7)
         quantized = onnx.load(str(output))
         sqnr = static_layers.layer_sqnr(ctx, model, quantized, nodes, checks[:8], scratch)
     quantize_s = time.monotonic() - started
@@ -271,7 +271,6 @@ def run(ctx: JobContext) -> QuantizeResult:
     warnings += static_layers.coverage_warnings(model, quantized, layers, by_config)
     metrics = onnx_common.measure_files(ctx, model_path, output, samples, original_bytes=original_bytes,
                                         layers=layers, warnings=warnings)
-    ctx.progress("done", 1.0)
     summary.update({
         "pre_processed": normalized.pre_process, "format": "QDQ", "calibration_method": method,
         "opset": {"upload": normalized.original_opset, "quantized": normalized.opset},

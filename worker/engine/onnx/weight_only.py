@@ -189,7 +189,7 @@ def run(ctx: JobContext) -> QuantizeResult:
 
     config: WeightOnlyConfig = ctx.config
     started = time.monotonic()
-    ctx.progress("preparing", 0.02)
+    ctx.progress("loading", 0.02)
     _check_supported(ctx)
     original = onnx_common.load(ctx.model_path)
     info = onnx_common.describe(original)
@@ -257,7 +257,7 @@ def run(ctx: JobContext) -> QuantizeResult:
         if not count:
             raise EngineError("weight_only found nothing to quantize: no MatMul or Gemm with a constant 2-D "
                               "weight became MatMulNBits", code="nothing_to_quantize")
-        ctx.progress("checking", 0.6)
+        ctx.progress("quantizing", 0.6)
         sqnr = _layer_sqnr(ctx, float_model, quantized, nodes, calibration[:SQNR_SAMPLES], scratch)
     quantize_s = time.monotonic() - started
 
@@ -268,7 +268,6 @@ def run(ctx: JobContext) -> QuantizeResult:
         # measured: HQQ 0.25x, rtn 1.2x on the same d256 encoder (HQQ writes float zero points)
         metrics["warnings"].append("HQQ stores float zero points, which onnxruntime's CPU MatMulNBits runs "
                                    "without its int8 path: algorithm 'rtn' is faster here")
-    ctx.progress("done", 1.0)
     summary = {
         "bits": 4 if config.dtype == "int4" else 8, "block_size": config.group_size, "symmetric": config.symmetric,
         "algorithm": config.algorithm, "accuracy_level": ACCURACY_LEVEL, "matmul_nbits_nodes": count,

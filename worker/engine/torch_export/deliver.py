@@ -118,7 +118,7 @@ def deliver(ctx: JobContext, *, float_program: torch.export.ExportedProgram, con
     artifacts = [ArtifactFile(kind="model", path=output, filename=output.name, format="torch_export")]
     aoti_path = None
     if aoti.aoti_enabled():
-        ctx.progress("compiling", 0.50)
+        ctx.progress("packaging", 0.50)
         source, source_args, widened = aoti.aoti_program(converted, float_program, specs)
         aoti_path, seconds, error, config = aoti.compile_aoti(source, source_args, output.with_name(
             output.name.removesuffix(".pt2") + ".aoti.pt2"), ctx.work_dir)
@@ -178,7 +178,6 @@ def deliver(ctx: JobContext, *, float_program: torch.export.ExportedProgram, con
                 f"({compiled['int8_aoti_ms_p50']} vs {compiled['float_aoti_ms_p50']} ms at batch 1): a model this "
                 "small is likely bound by the fixed cost of each int8 kernel call; it still is smaller, and "
                 "larger batches gain more")
-    ctx.progress("done", 1.0)
     return QuantizeResult(artifacts=artifacts, metrics=metrics,
                           report={"versions": report.runtime_versions(), "host": report.host_info(),
                                   method_key: details})

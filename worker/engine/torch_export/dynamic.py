@@ -137,7 +137,6 @@ def run(ctx: JobContext) -> QuantizeResult:
 
     metrics = measure_saved(ctx, quantized, output, float_module, lowered_module, found, dtypes, specs, samples,
                             f"torch {torch.__version__} (eager)", notes)
-    ctx.progress("done", 1.0)
     return QuantizeResult(
         artifacts=[ArtifactFile(kind="model", path=output, filename=output.name, format="torch_export")],
         metrics=metrics,

@@ -215,7 +215,6 @@ def run(ctx: JobContext) -> QuantizeResult:
     metrics = measure_saved(ctx, quantized, output, float_module, lowered_module, found,
                             lambda path, _kind: (done.get(path, "float32"), activation if path in done else "float32"),
                             specs, samples, runtime, notes, device=device)
-    ctx.progress("done", 1.0)
     group = "per_channel" if config.granularity == "per_channel" or config.group_size == -1 else config.group_size
     method = int4_cuda.details(config, output.name) if on_cuda else {
         "quantizer": "torchao quantize_ (Int8WeightOnlyConfig for symmetric int8 Linear, IntxWeightOnlyConfig "

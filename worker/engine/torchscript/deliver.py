@@ -41,7 +41,6 @@ def deliver(ctx: JobContext, original: torch.jit.ScriptModule, quantized: torch.
         original_bytes=Path(ctx.model_path).stat().st_size, quantized_bytes=output.stat().st_size,
         runtime=f"torch {torch.__version__} (TorchScript, {engine})", layers=layers, extra_warnings=notes,
     )
-    ctx.progress("done", 1.0)
     return QuantizeResult(
         artifacts=[ArtifactFile(kind="model", path=output, filename=output.name, format="torchscript")],
         metrics=metrics,
