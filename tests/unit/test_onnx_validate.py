@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from worker.engine.onnx import common as onnx_common
 from worker.engine.onnx import normalize, validate
 from worker.engine.onnx.validate import ArtifactInvalidError
 
@@ -194,7 +195,7 @@ def test_static_per_channel_on_an_opset_11_cnn_is_invalid_unless_prepared_to_13(
         scratch = tmp_path / f"scratch{min_opset}"
         prepared = normalize.prepare(path, scratch, min_opset=min_opset, log=lambda level, message: None)
         artifact = scratch / "static.onnx"
-        with normalize.confined(scratch):  # quantize_static calibrates in a TemporaryDirectory
+        with onnx_common.confined(scratch):  # quantize_static calibrates in a TemporaryDirectory
             quantize_static(str(prepared.path), str(artifact), Batches(), per_channel=True,
                             quant_format=QuantFormat.QDQ)
         if min_opset == 0:  # what the engine delivered before: the int32 bias dequantized per channel

@@ -111,8 +111,9 @@ def describe(model: onnx.ModelProto) -> ModelInfo:
     )
 
 
-def load_runner(path: Path, threads: int | None = 1) -> Runner:
-    """An onnxruntime CPU session as a Runner; threads=1 is what latency is measured with."""
+def load_runner(path: Path, threads: int | None = 1, *, ours: bool = False) -> Runner:
+    """An onnxruntime CPU session as a Runner; threads=1 is what latency is measured with. ours=True for a
+    file the engine wrote: if that does not load, the fault is ours (engine_error), not the upload's."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -124,6 +125,9 @@ def load_runner(path: Path, threads: int | None = 1) -> Runner:
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception classes for every kind of parse failure
+        if ours:
+            raise EngineError(f"onnxruntime cannot load the quantized model quantserve wrote: {exc}",
+                              code="engine_error") from exc
         raise EngineError(f"not a valid ONNX model: onnxruntime cannot load it: {exc}") from exc
 
     def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -153,7 +157,7 @@ def measure_files(ctx: JobContext, float_path: Path, quant_path: Path, samples: 
 
     names = [o.name for o in onnx.load(str(float_path), load_external_data=False).graph.output]
     return evaluate.measure(
-        ctx, load_runner(float_path, threads=1), load_runner(quant_path, threads=1), samples,
+        ctx, load_runner(float_path, threads=1), load_runner(quant_path, threads=1, ours=True), samples,
         original_bytes=original_bytes, quantized_bytes=Path(quant_path).stat().st_size,
         runtime=f"onnxruntime {onnxruntime.__version__}", layers=layers, extra_warnings=warnings,
         output_names=names)
@@ -220,17 +224,30 @@ def excluded_nodes(nodes: list[WeightNode], config: MethodConfig) -> set[str]:
 
 
 @contextlib.contextmanager
-def scratch_dir(work_dir: Path) -> Iterator[Path]:
-    """cwd and tempfile both inside work_dir for the block: quant_pre_process leaves files behind."""
-    scratch = Path(tempfile.mkdtemp(prefix=".scratch-", dir=work_dir))
+def confined(scratch: Path) -> Iterator[Path]:
+    """cwd and tempfile's folder inside a fresh folder of scratch for the block, removed after.
+
+    Symbolic shape inference writes sym_shape_infer_temp.onnx and a uuid-named .data file into the cwd when
+    it fails, and quant_pre_process / quantize_static work in TemporaryDirectory(). Both are process-wide
+    settings: one job runs per worker process, so nothing else sees them meanwhile.
+    """
+    work = Path(tempfile.mkdtemp(prefix=".confined-", dir=scratch)).resolve()
     previous_cwd, previous_tmp = os.getcwd(), tempfile.tempdir
-    os.chdir(scratch)
-    tempfile.tempdir = str(scratch)
+    os.chdir(work)
+    tempfile.tempdir = str(work)
     try:
-        yield scratch
+        yield work
     finally:
         tempfile.tempdir = previous_tmp
         os.chdir(previous_cwd)
-        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def scratch_dir(work_dir: Path) -> Iterator[Path]:
+    """confined() in work_dir, removed after the block: the job's scratch folder for every ONNX method."""
+    with confined(work_dir) as scratch:
+        try:
+            yield scratch
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)

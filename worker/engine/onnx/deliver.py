@@ -8,6 +8,7 @@ naming what was given up. A node the library blames is also retried kept float, 
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 from worker.engine.onnx import validate
 
 if TYPE_CHECKING:
+    from worker.engine.config import MethodConfig
     from worker.engine.context import JobContext
 
 
@@ -77,3 +79,28 @@ def _warnings(chosen: Variant, first: Variant, kept: set[str],
     if kept:
         notes.append(f"node(s) {', '.join(sorted(kept))} stayed float: the quantized version was invalid ({why})")
     return notes
+
+
+def checked_or_per_tensor(ctx: JobContext, output: Path, label: str,
+                          requantize: Callable[[MethodConfig, set[str], Path], None],
+                          feed: Mapping[str, np.ndarray], *, scratch: Path, full_check: bool,
+                          reference: Sequence[np.ndarray] | None = None) -> Delivered:
+    """`output` as the method built it if valid; else requantize(config, nodes kept float, path) per tensor
+    or with the blamed node float. The file delivered ends up at `output`."""
+    config = ctx.config
+    variants = [Variant(label, {"config": config})]
+    if getattr(config, "granularity", None) == "per_channel":
+        variants.append(Variant("per-tensor weights", {"config": config.model_copy(
+            update={"granularity": "per_tensor"})}, gives_up="per-channel weight scales (less faithful)"))
+
+    def build(variant: Variant, kept: set[str]) -> Path:
+        if variant is variants[0] and not kept:
+            return output
+        path = scratch / f"fallback_{len(list(scratch.glob('fallback_*')))}.onnx"
+        requantize(variant.options["config"], kept, path)
+        return path
+
+    delivered = first_valid(ctx, variants, build, feed, full_check=full_check, reference=reference)
+    if delivered.path != output:
+        shutil.move(delivered.path, output)
+    return delivered

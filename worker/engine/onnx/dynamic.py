@@ -97,7 +97,7 @@ def _try_smoothing(ctx: JobContext, model: onnx.ModelProto, matmuls: dict[str, s
 
 
 def _cosine(reference: list[list[np.ndarray]], path: Path, batches: list[dict[str, np.ndarray]]) -> float:
-    runner = onnx_common.load_runner(path, threads=None)
+    runner = onnx_common.load_runner(path, threads=None, ours=True)
     return m.cosine(reference, [evaluate.unpadded(b, runner(b)) for b in batches])[0]
 
 
@@ -177,8 +177,10 @@ def run(ctx: JobContext) -> QuantizeResult:
                                 f"the cosine on tuning samples from {before:.4f} to {cosine:.4f}: {names}")
                 ctx.log("info", f"kept float: {names}; tuning cosine now {cosine:.4f}")
 
-        delivered = _validated(ctx, prepared, output, excluded, reduce_range, normalized.full_check, tuning[0],
-                               scratch)
+        delivered = deliver.checked_or_per_tensor(
+            ctx, output, "as tuned", lambda cfg, kept, path: _quantize(prepared, path, cfg, excluded | kept,
+                                                                       reduce_range),
+            tuning[0], scratch=scratch, full_check=normalized.full_check)
         warnings += delivered.warnings
         excluded |= delivered.kept_float
 
@@ -208,28 +210,6 @@ def run(ctx: JobContext) -> QuantizeResult:
                                  "layer_sqnr": smoothing.ESTIMATE_NOTE,
                                  "op_types": list(OP_TYPES), **float_layers}},
     )
-
-
-def _validated(ctx: JobContext, prepared: Path, output: Path, excluded: set[str], reduce_range: bool,
-               full_check: bool, feed: dict[str, np.ndarray], scratch: Path) -> deliver.Delivered:
-    """The tuned file if it is valid; else the same quantization per-tensor, or with the blamed node float."""
-    config: DynamicConfig = ctx.config
-    variants = [deliver.Variant("as tuned", {"config": config})]
-    if config.granularity == "per_channel":
-        variants.append(deliver.Variant("per-tensor weights", {"config": config.model_copy(
-            update={"granularity": "per_tensor"})}, gives_up="per-channel weight scales (less faithful)"))
-
-    def build(variant: deliver.Variant, kept: set[str]) -> Path:
-        if variant is variants[0] and not kept:
-            return output
-        path = scratch / f"fallback_{len(list(scratch.glob('fallback_*')))}.onnx"
-        _quantize(prepared, path, variant.options["config"], excluded | kept, reduce_range)
-        return path
-
-    delivered = deliver.first_valid(ctx, variants, build, feed, full_check=full_check)
-    if delivered.path != output:
-        shutil.move(delivered.path, output)
-    return delivered
 
 
 def _keep_sensitive_float(ctx: JobContext, prepared: Path, output: Path, excluded: set[str],

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +10,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper, shape_inference, version_converter
+
+from worker.engine.onnx import common as onnx_common
 
 Log = Callable[[str, str], None]  # (level, message), like JobContext.log
 
@@ -39,26 +37,6 @@ class Prepared:
 
 def default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-@contextlib.contextmanager
-def confined(scratch: Path) -> Iterator[Path]:
-    """cwd and tempfile's folder inside a fresh folder of scratch for the block, removed after.
-
-    Symbolic shape inference writes sym_shape_infer_temp.onnx and a uuid-named .data file into the cwd when
-    it fails, and quant_pre_process / quantize_static work in TemporaryDirectory(). Both are process-wide
-    settings: one job runs per worker process, so nothing else sees them meanwhile.
-    """
-    work = Path(tempfile.mkdtemp(prefix=".confined-", dir=scratch)).resolve()
-    previous_cwd, previous_tmp = os.getcwd(), tempfile.tempdir
-    os.chdir(work)
-    tempfile.tempdir = str(work)
-    try:
-        yield work
-    finally:
-        tempfile.tempdir = previous_tmp
-        os.chdir(previous_cwd)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -202,7 +180,7 @@ def _convert(model: onnx.ModelProto, target: int, path: Path, check: Callable[[P
 
 def pre_process(src: Path, dst: Path, log: Log, check: Callable[[Path], str | None]) -> str:
     """quant_pre_process with fallbacks; returns the step that held ("none": dst not written). Call it inside
-    confined(): every step may leave files in the cwd or the temp folder."""
+    onnx_common.confined(): every step may leave files in the cwd or the temp folder."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     data = src.with_name(f"{src.name}.data")
@@ -285,7 +263,7 @@ def prepare(model_path: Path, scratch: Path, *, min_opset: int, log: Log,
 
     prepared = scratch / "prepared.onnx"
     if optimize:
-        with confined(scratch):
+        with onnx_common.confined(scratch):
             step = pre_process(normalized, prepared, log, check)
     else:
         step = "skipped"

@@ -14,7 +14,7 @@ from worker.engine import evaluate, report
 from worker.engine import metrics as m
 from worker.engine.onnx import calibration as onnx_calibration
 from worker.engine.onnx import common as onnx_common
-from worker.engine.onnx import deliver, normalize, static_layers
+from worker.engine.onnx import deliver, normalize, speed, static_layers
 from worker.engine.types import ArtifactFile, EngineError, QuantizeResult
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ def _fidelity(reference: list[list[np.ndarray]], path: Path, batches: list[dict[
               ) -> tuple[float, float | None]:
     """(mean cosine, top-1 agreement) of a quantized file against float outputs, with graph optimizations on:
     the int8 kernels that saturate are only chosen then."""
-    runner = onnx_common.load_runner(path, threads=None)
+    runner = onnx_common.load_runner(path, threads=None, ours=True)
     outs = [runner(b) for b in batches]
     return m.cosine(reference, outs)[0], m.top1_agreement([r[0] for r in reference], [o[0] for o in outs])
 
@@ -150,28 +150,6 @@ def _retry_if_collapsed(ctx: JobContext, quantize: Any, output: Path, scratch: P
     return True, [f"outputs collapsed with 8-bit weights (cosine {fidelity[0]:.3f} on calibration samples; int8 "
                   f"kernels without VNNI can saturate); weights were quantized to 7 bits (reduce_range) instead "
                   f"(cosine {retried[0]:.3f})"]
-
-
-def _validated(ctx: JobContext, quantize: Any, output: Path, reduce_range: bool, full_check: bool,
-               feed: dict[str, np.ndarray], reference: list[np.ndarray], scratch: Path) -> deliver.Delivered:
-    """The calibrated file if it is valid; else per-tensor weights, or the blamed node kept float."""
-    config: StaticConfig = ctx.config
-    variants = [deliver.Variant("as calibrated", {"config": config})]
-    if config.granularity == "per_channel":
-        variants.append(deliver.Variant("per-tensor weights", {"config": config.model_copy(
-            update={"granularity": "per_tensor"})}, gives_up="per-channel weight scales (less faithful)"))
-
-    def build(variant: deliver.Variant, kept: set[str]) -> Path:
-        if variant is variants[0] and not kept:
-            return output
-        path = scratch / f"fallback_{len(list(scratch.glob('fallback_*')))}.onnx"
-        quantize(path, reduce_range, frozenset(kept), dataclasses.replace(ctx, config=variant.options["config"]))
-        return path
-
-    delivered = deliver.first_valid(ctx, variants, build, feed, full_check=full_check, reference=reference)
-    if delivered.path != output:
-        shutil.move(delivered.path, output)
-    return delivered
 
 
 def run(ctx: JobContext) -> QuantizeResult:
@@ -257,10 +235,33 @@ def run(ctx: JobContext) -> QuantizeResult:
         switched, notes = _retry_if_collapsed(ctx, quantize, output, scratch, reference, checks, summary)
         reduce_range, warnings = reduce_range or switched, warnings + notes
 
-        delivered = _validated(ctx, quantize, output, reduce_range, normalized.full_check, checks[0], reference[0],
-                               scratch)
+        delivered = deliver.checked_or_per_tensor(
+            ctx, output, "as calibrated",
+            lambda cfg, kept, path: quantize(path, reduce_range, frozenset(kept), dataclasses.replace(ctx, config=cfg)),
+            checks[0], scratch=scratch, full_check=normalized.full_check, reference=reference[0])
         warnings += delivered.warnings
         excluded |= delivered.kept_float
+
+        ctx.progress("quantizing", 0.65)
+        chosen_config = dataclasses.replace(ctx, config=delivered.variant.options["config"])
+        first, pruned, kept_for_speed = speed.without_float_islands(
+            ctx, lambda kept, path: quantize(path, reduce_range, frozenset(kept), chosen_config), output, scratch,
+            checks[0], full_check=normalized.full_check)
+        candidates = {"as quantized": output, **({"float islands kept float": pruned} if pruned else {})}
+        chosen, timed, float_ms = speed.rank(ctx, model_path, candidates, checks, reference)
+        if chosen.path != output:
+            shutil.move(chosen.path, output)
+            excluded |= kept_for_speed
+            warnings.append(f"{len(kept_for_speed)} node(s) stayed float where onnxruntime has no int8 kernel "
+                            f"for them ({', '.join(sorted(set(first.float_islands.values())))}): their Q/DQ "
+                            f"pairs only added work ({chosen.speedup:.2f}x float instead of "
+                            f"{timed[0].speedup:.2f}x)")
+        note = speed.slower_than_float_warning(chosen, timed, float_ms)
+        warnings += [note] if note else []
+        summary["kernels"] = {"as_quantized": first.summary(), "candidates": [
+            {"label": t.label, "ms_p50": t.ms, "speedup": t.speedup, "cosine": t.cosine} for t in timed],
+            "float_ms_p50": float_ms, "chosen": chosen.label,
+            "kept_float_for_speed": sorted(kept_for_speed) if chosen.path == pruned else []}
 
         ctx.progress("quantizing", 0.7)
         quantized = onnx.load(str(output))
