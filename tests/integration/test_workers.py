@@ -75,7 +75,8 @@ def test_a_cuda_job_goes_to_the_gpu_queue_only_while_a_live_worker_serves_cuda(s
     _capabilities(service, until=lambda d: "cpu" in d["served_devices"])
     client = service.client("devices")
     path = models.save_torch_export(models.wide_mlp(), torch.zeros(2, 1, 8, 8), tmp_path / "m.pt2")
-    body = {"model_id": upload_model(client, path)["id"], "method": "weight_only", "device": "cuda"}
+    body = {"model_id": upload_model(client, path)["id"], "method": "weight_only", "device": "cuda",
+            "config": {"dtype": "int4", "group_size": 32}}  # torch.export weight-only on cuda is int4, group-wise
     refused = submit(client, body)
     assert refused.status_code == 422, refused.text
     assert refused.json()["detail"] == "no live worker serves device 'cuda'; served: cpu"
