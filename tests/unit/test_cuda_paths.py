@@ -113,8 +113,8 @@ def test_int4_tinygemm_op_computes_what_torchaos_int4_linear_computes() -> None:
     qweight, scale_and_zero = int4_cuda.pack(weight, 32, "rtn")
     assert qweight.shape == (9, 3, 32, 4) and scale_and_zero.shape == (12, 72, 2)  # K' = 384, N' = 72
     ours = ops.int4_tinygemm_linear(x, qweight, scale_and_zero, None, 32, 70)
-    reference = torch.nn.Linear(320, 70, bias=False, device="cuda", dtype=torch.bfloat16)
-    reference.weight.data = weight.bfloat16()
+    reference = torch.nn.Sequential(torch.nn.Linear(320, 70, bias=False, device="cuda", dtype=torch.bfloat16))
+    reference[0].weight.data = weight.bfloat16()
     quantize_(reference, Int4WeightOnlyConfig(group_size=32, int4_packing_format="tile_packed_to_4d",
                                               set_inductor_config=False))
     with torch.no_grad():
