@@ -90,7 +90,14 @@ def test_cnn_becomes_int8_qdq_within_one_point_of_float_at_under_030_size(cnn_on
         ("Conv", "int8", "uint8"), ("Conv", "int8", "uint8"), ("Gemm", "int8", "uint8"), ("Gemm", "int8", "uint8")]
     assert all(layer["sqnr_db"] > 25 for layer in metrics["layers"])
     summary = cnn_minmax.report["onnx_static"]
-    assert summary["calibration_method"] == "MinMax" and summary["calibration_samples"] == 256
+    # no algorithm named: the one most faithful on a held-out quarter of the calibration set
+    selection = summary["calibration_selection"]
+    assert set(selection["held_out_cosine"]) == {"minmax", "percentile", "entropy"}
+    assert selection["held_out_cosine"][selection["chosen"]] == max(selection["held_out_cosine"].values())
+    assert selection["fit_samples"] == 192 and selection["held_out_samples"] == 64
+    assert summary["calibration_method"] == {"minmax": "MinMax", "percentile": "Percentile",
+                                             "entropy": "Entropy"}[selection["chosen"]]
+    assert summary["calibration_samples"] == 256
     assert (summary["activation_type"], summary["weight_type"], summary["format"]) == ("uint8", "int8", "QDQ")
     assert summary["reduce_range"] == (cnn_minmax.report["host"]["vnni"] is False)
     assert {"versions", "host"} <= set(cnn_minmax.report)

@@ -54,9 +54,10 @@ class DynamicConfig(MethodConfig):
 class CalibrationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    algorithm: Literal["minmax", "entropy", "percentile", "histogram"] = Field(
-        "minmax", description="How activation ranges are chosen from calibration data."
-    )
+    algorithm: Literal["auto", "minmax", "entropy", "percentile", "histogram"] = Field(
+        "auto", description="How activation ranges are chosen from calibration data. auto: ONNX tries minmax, "
+        "percentile and entropy and keeps the one most faithful on a held-out quarter of the calibration "
+        "set; torch formats use minmax.")
     percentile: float = Field(99.999, gt=90.0, le=100.0, description="For algorithm=percentile.")
     num_samples: int = Field(256, ge=1, le=100_000, description="Calibration samples used at most.")
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +73,44 @@ def calibrate(ctx: JobContext, model_path: Path, op_types: list[str], batches: l
     except Exception as exc:  # onnxruntime's own errors while running the calibration samples
         raise EngineError(f"calibration failed: {exc}", code="evaluation_failed") from exc
     return collect("MinMax"), "MinMax", [note]
+
+
+AUTO_CANDIDATES = ("minmax", "percentile", "entropy")  # "auto" picks among these; the first wins a tie
+MIN_HELD_OUT = 8
+
+
+def held_out_split(batches: list[dict[str, np.ndarray]]) -> tuple[list, list]:
+    """(fit, held out): the last quarter judges the ranges the rest chose; with too few samples, all do both."""
+    held = max(MIN_HELD_OUT, len(batches) // 4)
+    if len(batches) < 2 * held:
+        return batches, batches
+    return batches[:-held], batches[-held:]
+
+
+def choose_algorithm(ctx: JobContext, model_path: Path, op_types: list[str], batches: list[dict[str, np.ndarray]],
+                     scratch: Path, score: Callable[[Any, str, list[dict[str, np.ndarray]]], float]
+                     ) -> tuple[str, dict[str, Any]]:
+    """The calibration algorithm whose ranges, fitted on most samples, score best on the rest.
+
+    score(ranges, onnxruntime method name, held-out samples) quantizes with those ranges and measures. No
+    single algorithm wins everywhere (ENGINE.md: equal on the digits CNN; percentile clips the outliers a
+    detector's score maps need, entropy the long tails of a transformer), so it is measured per model."""
+    fit, held = held_out_split(batches)
+    scores: dict[str, float] = {}
+    for algorithm in AUTO_CANDIDATES:
+        calibration = ctx.config.calibration.model_copy(update={"algorithm": algorithm})
+        job = dataclasses.replace(ctx, config=ctx.config.model_copy(update={"calibration": calibration}))
+        try:
+            ranges, method, _ = calibrate(job, model_path, op_types, fit, scratch)
+            scores[algorithm] = round(score(ranges, method, held), 6)
+        except EngineError as exc:
+            ctx.log("warning", f"calibration candidate {algorithm} failed: {exc}")
+    if not scores:
+        raise EngineError("no calibration algorithm could calibrate this model", code="unsupported")
+    best = max(AUTO_CANDIDATES, key=lambda a: scores.get(a, float("-inf")))
+    ctx.log("info", f"calibration: {best} chosen on {len(held)} held-out samples ({scores})")
+    return best, {"chosen": best, "held_out_cosine": scores, "fit_samples": len(fit), "held_out_samples": len(held),
+                  "held_out_is_fit": held is fit}
 
 
 def non_finite(ranges: Any) -> list[str]:

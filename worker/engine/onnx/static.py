@@ -114,11 +114,12 @@ def _quantize(ctx: JobContext, base: Path, output: Path, cache: Path, method: st
 
 def _fidelity(reference: list[list[np.ndarray]], path: Path, batches: list[dict[str, np.ndarray]]
               ) -> tuple[float, float | None]:
-    """(mean cosine, top-1 agreement) of a quantized file against float outputs, with graph optimizations on:
+    """(worst output's mean cosine, top-1 agreement) of a quantized file against float outputs, with graph
+    optimizations on:
     the int8 kernels that saturate are only chosen then."""
     runner = onnx_common.load_runner(path, threads=None, ours=True)
     outs = [runner(b) for b in batches]
-    return m.cosine(reference, outs)[0], m.top1_agreement([r[0] for r in reference], [o[0] for o in outs])
+    return m.worst_cosine(reference, outs)[0], m.top1_agreement([r[0] for r in reference], [o[0] for o in outs])
 
 
 def _collapsed(fidelity: tuple[float, float | None]) -> bool:
@@ -208,6 +209,22 @@ def run(ctx: JobContext) -> QuantizeResult:
                             "quantized statically (int8 Softmax/LayerNorm/Add outputs destroy transformers); "
                             "method 'dynamic' is usually more faithful on transformers")
 
+        attention = _activation_matmuls(base_model) if transformer else set()
+        float_check = onnx_common.load_runner(model_path, threads=None)
+        if config.calibration.algorithm == "auto":
+            def score(ranges: Any, method: str, held: list[dict[str, np.ndarray]]) -> float:
+                trial, trial_cache = scratch / f"auto_{method}.onnx", scratch / f"auto_{method}.json"
+                save_tensors_data(ranges, trial_cache)
+                infinite = set(onnx_calibration.non_finite(ranges))
+                around = {n.name for n in base_model.graph.node if infinite & {*n.input, *n.output}}
+                _quantize(ctx, base, trial, trial_cache, method, op_types, by_config | attention | around,
+                          reduce_range)
+                return _fidelity([float_check(b) for b in held], trial, held)[0]
+
+            chosen, summary["calibration_selection"] = onnx_calibration.choose_algorithm(
+                ctx, base, op_types, calibration, scratch, score)
+            calibration_config = config.calibration.model_copy(update={"algorithm": chosen})
+            ctx = dataclasses.replace(ctx, config=config.model_copy(update={"calibration": calibration_config}))
         ranges, method, notes = onnx_calibration.calibrate(ctx, base, op_types, calibration, scratch)
         warnings += notes
         infinite = onnx_calibration.non_finite(ranges)
@@ -217,7 +234,6 @@ def run(ctx: JobContext) -> QuantizeResult:
                             f"with the {len(kept_for_range)} node(s) around them: {', '.join(infinite)}")
         cache = scratch / "calibration.json"
         save_tensors_data(ranges, cache)
-        attention = _activation_matmuls(base_model) if transformer else set()
         excluded = by_config | kept_for_range | attention
 
         def quantize(path: Path, reduce: bool, kept: frozenset[str] = frozenset(), job: JobContext = ctx) -> None:
@@ -230,7 +246,6 @@ def run(ctx: JobContext) -> QuantizeResult:
         ctx.progress("quantizing", 0.5)
         quantize(output, reduce_range)
         ctx.progress("quantizing", 0.6)
-        float_check = onnx_common.load_runner(model_path, threads=None)
         reference = [float_check(b) for b in checks]
         switched, notes = _retry_if_collapsed(ctx, quantize, output, scratch, reference, checks, summary)
         reduce_range, warnings = reduce_range or switched, warnings + notes

@@ -17,7 +17,9 @@ if TYPE_CHECKING:
     from worker.engine.context import JobContext
 
 CALIBRATION_BATCH = 32  # batches, not single samples: HistogramObserver's work is per call
-ALGORITHMS = {"minmax": "MinMaxObserver", "histogram": "HistogramObserver"}
+ALGORITHMS = {"minmax": "MinMaxObserver", "histogram": "HistogramObserver",
+              # auto: choosing by held-out fidelity is ONNX-only so far; PT2E keeps its minmax default
+              "auto": "MinMaxObserver"}
 
 
 EPS = 2.0**-12  # the X86 recipe's eps for every observer
