@@ -65,7 +65,7 @@ class ValidationFailedError(QuantserveError):
     status, code, title, slug = 422, "validation_error", "Request is not valid", "validation"
 
 
-class UnsupportedMethodError(ValidationFailedError):
+class MethodUnavailableError(ValidationFailedError):
     code, title, slug = "unsupported_method", "Method not supported for this model", "unsupported-method"
 
 

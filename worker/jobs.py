@@ -40,7 +40,7 @@ def _validate(rt: Runtime, row_type: type[Model] | type[Dataset], row_id: uuid.U
             result = sandbox.run(request, work, time_limit_s=600, memory_limit_mb=rt.settings.job_memory_limit_mb,
                                  max_file_bytes=rt.settings.engine_file_limit_bytes)
             values: dict[str, Any] = {"status": "ready", "error": None, **result}
-        except sandbox.SandboxFailure as exc:
+        except sandbox.SandboxError as exc:
             values = {"status": "invalid", "error": {"code": exc.code, "message": str(exc), "reason": exc.reason}}
     with transaction(rt.session_factory) as session:
         # Conditional: a duplicate delivery, or a row deleted meanwhile, changes nothing.
@@ -113,11 +113,11 @@ def run_job(rt: Runtime, job_id: uuid.UUID, worker: str) -> None:
                 keep_going=lambda: lifecycle.heartbeat(rt.session_factory, claim.job_id, claim.attempt, s.job_lease_s),
                 time_limit_s=s.job_time_limit_s, memory_limit_mb=s.job_memory_limit_mb,
                 max_file_bytes=s.engine_file_limit_bytes)
-        except sandbox.Stopped:
+        except sandbox.JobStoppedError:
             progress.flush()
             log.info("job %s attempt %d stopped: cancelled or superseded", job_id, claim.attempt)
             return
-        except sandbox.SandboxFailure as exc:
+        except sandbox.SandboxError as exc:
             progress.flush()
             lifecycle.fail(rt.session_factory, job_id, claim.attempt, exc.code, str(exc), reason=exc.reason)
             return

@@ -27,14 +27,14 @@ _PASSTHROUGH = ("PATH", "LANG", "LC_ALL", "TZ", "OMP_NUM_THREADS", "MKL_NUM_THRE
 ENGINE_SETTINGS = ("QUANTSERVE_AOTI",)  # "0": no AOTInductor package (worker/engine/torch_export/aoti.py)
 
 
-class SandboxFailure(Exception):
+class SandboxError(Exception):
     def __init__(self, code: str, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
 
 
-class Stopped(Exception):
+class JobStoppedError(Exception):
     """The supervisor asked the child to stop (cancel, lost lease)."""
 
 
@@ -63,7 +63,7 @@ def child_env(work_dir: Path) -> dict[str, str]:
 def run(request: dict[str, Any], work_dir: Path, *, on_event: Callable[[dict[str, Any]], None] | None = None,
         keep_going: Callable[[], bool] = lambda: True, check_every_s: float = 1.0,
         time_limit_s: float = 3600.0, memory_limit_mb: int = 0, max_file_bytes: int = 0) -> dict[str, Any]:
-    """Run one engine request; returns its result dict, or raises SandboxFailure / Stopped.
+    """Run one engine request; returns its result dict, or raises SandboxError / JobStoppedError.
 
     memory_limit_mb: resident memory, watched here (0 = none); max_file_bytes: the child's RLIMIT_FSIZE,
     set by the runner (0 = none)."""
@@ -85,15 +85,15 @@ def run(request: dict[str, Any], work_dir: Path, *, on_event: Callable[[dict[str
                 _drain(events, on_event, timeout=0.2)
                 now = time.monotonic()
                 if memory_limit_mb and (rss := _guarded_rss_mb(proc.pid)) > memory_limit_mb:
-                    raise SandboxFailure("out_of_memory", f"the job used {rss} MB of memory, over its limit of "
+                    raise SandboxError("out_of_memory", f"the job used {rss} MB of memory, over its limit of "
                                          f"{memory_limit_mb} MB (QUANTSERVE_JOB_MEMORY_LIMIT_MB)", "memory_limit")
                 if now - started > time_limit_s:
-                    raise SandboxFailure("timeout", f"the job ran longer than its limit of {time_limit_s:.0f} s "
+                    raise SandboxError("timeout", f"the job ran longer than its limit of {time_limit_s:.0f} s "
                                          "(QUANTSERVE_JOB_TIME_LIMIT_S)", "time_limit")
                 if now - last_check >= check_every_s:
                     last_check = now
                     if not keep_going():
-                        raise Stopped()
+                        raise JobStoppedError()
         except BaseException:
             _kill(proc)
             raise
@@ -124,7 +124,7 @@ def _drain(events: queue.Queue, on_event: Callable[[dict[str, Any]], None] | Non
             return
 
 
-class MemoryUnmeasurable(Exception):
+class MemoryUnmeasurableError(Exception):
     """No way to read the engine's resident memory here: the memory limit cannot be enforced."""
 
 
@@ -153,7 +153,7 @@ _warned: set[str] = set()
 
 def _rss_mb(pid: int) -> int | None:
     """Resident memory of the engine process in MB, by the first reader that works; None once the process is
-    gone. Raises MemoryUnmeasurable when it is alive and no reader works: never 0, which would silently turn
+    gone. Raises MemoryUnmeasurableError when it is alive and no reader works: never 0, which would silently turn
     the memory limit off."""
     failures = []
     for reader in RSS_READERS:
@@ -167,7 +167,7 @@ def _rss_mb(pid: int) -> int | None:
                 _warned.add(reader.__name__)
                 log.warning("reading the engine's memory with %s failed (%s); trying the next way", reader.__name__,
                             failures[-1])
-    raise MemoryUnmeasurable("; ".join(failures))
+    raise MemoryUnmeasurableError("; ".join(failures))
 
 
 def _alive(pid: int) -> bool:
@@ -183,10 +183,10 @@ def _alive(pid: int) -> bool:
 def _guarded_rss_mb(pid: int) -> int:
     try:
         rss = _rss_mb(pid)
-    except MemoryUnmeasurable as exc:
+    except MemoryUnmeasurableError as exc:
         log.error("cannot measure the engine's memory (%s): stopping the job rather than run it without its "
                   "memory limit", exc)
-        raise SandboxFailure("internal", "the worker cannot measure the engine's memory on this host, so "
+        raise SandboxError("internal", "the worker cannot measure the engine's memory on this host, so "
                              "QUANTSERVE_JOB_MEMORY_LIMIT_MB cannot be enforced; the job was stopped rather than "
                              "run unguarded (unset the limit on such hosts, or run the worker on Linux)",
                              "memory_unmeasurable") from exc
@@ -207,17 +207,17 @@ def _outcome(returncode: int, result_path: Path, stderr_path: Path) -> dict[str,
         if outcome["ok"]:
             return outcome["result"]
         error = outcome["error"]
-        raise SandboxFailure(error["code"], error["message"], error.get("reason"))
+        raise SandboxError(error["code"], error["message"], error.get("reason"))
     tail = stderr_path.read_text(errors="replace")[-2000:] if stderr_path.exists() else ""
     if returncode == -signal.SIGKILL or "MemoryError" in tail or "std::bad_alloc" in tail:
         # Nobody here sent SIGKILL (cancel and limits raise before reaching this): the kernel's OOM killer did.
-        raise SandboxFailure("out_of_memory", "the engine process ran out of memory and was killed by the system",
+        raise SandboxError("out_of_memory", "the engine process ran out of memory and was killed by the system",
                              "killed_by_system")
     if returncode < 0:  # a native library crashed it (SIGSEGV, SIGABRT, ...): a failure of the engine, not ours
         try:
             name = signal.Signals(-returncode).name
         except ValueError:
             name = f"signal {-returncode}"
-        raise SandboxFailure("engine_error", f"the engine process crashed ({name}); please report this: "
+        raise SandboxError("engine_error", f"the engine process crashed ({name}); please report this: "
                              f"{tail[-500:]}", "engine_crashed")
-    raise SandboxFailure("internal", f"the engine process exited with status {returncode}: {tail[-500:]}")
+    raise SandboxError("internal", f"the engine process exited with status {returncode}: {tail[-500:]}")

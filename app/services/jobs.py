@@ -16,8 +16,8 @@ from app.broker import enqueue
 from app.errors import (
     ConflictError,
     DatasetMismatchError,
+    MethodUnavailableError,
     ModelNotReadyError,
-    UnsupportedMethodError,
     ValidationFailedError,
 )
 from app.ids import uuid7
@@ -27,7 +27,8 @@ from app.services import workers
 from app.services.common import tenant_get, tenant_select
 from worker import task_names
 from worker.engine.config import MethodConfig
-from worker.engine.registry import MethodSpec, UnsupportedMethod, resolve
+from worker.engine.errors import UnsupportedMethodError
+from worker.engine.registry import MethodSpec, resolve
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 DATASET_FIELDS = ("calibration_dataset_id", "training_dataset_id", "evaluation_dataset_id")
@@ -115,16 +116,16 @@ def _check_device_served(device: str, served: list[str], *, any_live: bool) -> N
 def _resolve_spec(model: Model, body: JobCreate, served: list[str]) -> MethodSpec:
     try:
         spec = resolve(model.format, body.method)
-    except UnsupportedMethod as exc:
+    except UnsupportedMethodError as exc:
         supported = [p for p in exc.supported if p.startswith(f"{model.format}/")]
-        raise UnsupportedMethodError(
+        raise MethodUnavailableError(
             f"method {body.method!r} is not supported for {model.format} models; supported for "
             f"{model.format}: {', '.join(supported) or 'none yet'}; all: {', '.join(exc.supported)}",
             errors=[{"loc": ["body", "method"], "msg": f"not supported for format {model.format}"}],
             supported=exc.supported) from None
     if body.device not in {d.value for d in spec.devices}:
         also = "" if body.device in served else f" ({_served_text(body.device, served)})"
-        raise UnsupportedMethodError(
+        raise MethodUnavailableError(
             f"{model.format}/{body.method} runs on {', '.join(sorted(d.value for d in spec.devices))}, "
             f"not {body.device}{also}", errors=[{"loc": ["body", "device"], "msg": f"{body.device} not available"}])
     return spec

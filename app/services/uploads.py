@@ -15,7 +15,8 @@ from app.models import Dataset, Job, Model
 from app.names import default_name
 from app.storage import LocalStorage, PendingFile
 from worker import task_names
-from worker.engine.formats.detect import UnknownFormat, detect_dataset_kind, detect_model_format
+from worker.engine.errors import UnknownFormatError
+from worker.engine.formats.detect import detect_dataset_kind, detect_model_format
 from worker.engine.types import ModelFormat
 
 ACTIVE_JOB_STATES = ("queued", "running")
@@ -25,7 +26,7 @@ def create_model(session: Session, storage: LocalStorage, tenant_id: uuid.UUID, 
                  name: str | None, filename: str | None, declared: str | None) -> Model:
     try:
         detected = detect_model_format(pending.path)
-    except UnknownFormat as exc:
+    except UnknownFormatError as exc:
         raise UnsupportedFormatError(str(exc)) from None
     if declared:
         try:
@@ -51,7 +52,7 @@ def create_dataset(session: Session, storage: LocalStorage, tenant_id: uuid.UUID
                    name: str | None, filename: str | None, declared: str | None) -> Dataset:
     try:
         kind = detect_dataset_kind(pending.path)
-    except UnknownFormat as exc:
+    except UnknownFormatError as exc:
         raise UnsupportedFormatError(str(exc)) from None
     if declared and declared != kind.value:
         raise UnsupportedFormatError(f"the bytes are a {kind.value} dataset, not {declared}")

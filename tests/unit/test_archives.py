@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from worker.engine.errors import EngineError
 from worker.engine.formats import archives
-from worker.engine.types import EngineError
 
 MiB = 1024**2
 

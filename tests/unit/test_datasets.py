@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from worker.engine.errors import EngineError
 from worker.engine.formats import datasets
-from worker.engine.types import ArrayInfo, DatasetKind, EngineError
+from worker.engine.types import ArrayInfo, DatasetKind
 
 MiB = 1024**2
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from worker.engine.formats.detect import UnknownFormat, detect_dataset_kind, detect_model_format
+from worker.engine.errors import UnknownFormatError
+from worker.engine.formats.detect import detect_dataset_kind, detect_model_format
 from worker.engine.types import DatasetKind, ModelFormat
 
 
@@ -101,7 +102,7 @@ def test_onnx_whose_graph_starts_past_the_scan_window_is_detected(tmp_path: Path
 
 
 def test_protobuf_without_a_graph_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(UnknownFormat, match="no ONNX graph found"):
+    with pytest.raises(UnknownFormatError, match="no ONNX graph found"):
         detect_model_format(write(tmp_path / "tiny.onnx", b"\x08\x17"))  # ir_version=23 and nothing else
 
 
@@ -109,7 +110,7 @@ def test_protobuf_without_a_graph_is_refused(tmp_path: Path) -> None:
 def test_truncated_onnx_is_refused(tmp_path: Path, keep: float) -> None:
     data = onnx_bytes(weights=200)
     cut = int(len(data) * keep) if keep < 1 else int(keep)
-    with pytest.raises(UnknownFormat, match="truncated") as err:
+    with pytest.raises(UnknownFormatError, match="truncated") as err:
         detect_model_format(write(tmp_path / "cut.onnx", data[:cut]))
     assert err.value.code == "unsupported_format"
 
@@ -130,7 +131,7 @@ def test_torch_export_pt2_is_detected(tmp_path: Path) -> None:
 def test_torch_save_zip_is_refused_with_the_export_hint(tmp_path: Path) -> None:
     path = tmp_path / "model.pt2"
     torch.save(Tiny().state_dict(), path)
-    with pytest.raises(UnknownFormat, match="a torch.save pickle is not accepted; export with "
+    with pytest.raises(UnknownFormatError, match="a torch.save pickle is not accepted; export with "
                                             "torch.export.save or ONNX"):
         detect_model_format(path)
 
@@ -139,7 +140,7 @@ def test_pickle_in_zip_is_refused_and_never_unpickled(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = make_zip(tmp_path / "model.pt", {"archive/data.pkl": pickle.dumps(MakesMarker(marker)),
                                             "archive/version": b"3"})
-    with pytest.raises(UnknownFormat, match="torch.save pickle is not accepted"):
+    with pytest.raises(UnknownFormatError, match="torch.save pickle is not accepted"):
         detect_model_format(path)
     assert not marker.exists()
 
@@ -148,9 +149,9 @@ def test_pickle_in_zip_is_refused_and_never_unpickled(tmp_path: Path) -> None:
 def test_plain_pickle_is_refused_and_never_unpickled(tmp_path: Path, protocol: int) -> None:
     marker = tmp_path / "pwned"
     path = write(tmp_path / "model.onnx", pickle.dumps(MakesMarker(marker), protocol=protocol))
-    with pytest.raises(UnknownFormat, match="Python pickle"):
+    with pytest.raises(UnknownFormatError, match="Python pickle"):
         detect_model_format(path)
-    with pytest.raises(UnknownFormat, match="Python pickle"):
+    with pytest.raises(UnknownFormatError, match="Python pickle"):
         detect_dataset_kind(path)
     assert not marker.exists()
 
@@ -158,7 +159,7 @@ def test_plain_pickle_is_refused_and_never_unpickled(tmp_path: Path, protocol: i
 def test_legacy_torch_save_is_refused_as_pickle(tmp_path: Path) -> None:
     path = tmp_path / "model.pt"
     torch.save({"w": torch.zeros(2)}, path, _use_new_zipfile_serialization=False)
-    with pytest.raises(UnknownFormat, match="Python pickle"):
+    with pytest.raises(UnknownFormatError, match="Python pickle"):
         detect_model_format(path)
 
 
@@ -189,13 +190,13 @@ def test_hf_tar_made_from_inside_the_folder_is_detected(tmp_path: Path) -> None:
 
 def test_hf_folder_with_only_bin_weights_is_refused(tmp_path: Path) -> None:
     path = make_zip(tmp_path / "m.zip", {"config.json": b"{}", "pytorch_model.bin": b"\x80\x02."})
-    with pytest.raises(UnknownFormat, match="safe_serialization=True"):
+    with pytest.raises(UnknownFormatError, match="safe_serialization=True"):
         detect_model_format(path)
 
 
 def test_hf_zip_with_files_outside_the_top_folder_is_refused(tmp_path: Path) -> None:
     path = make_zip(tmp_path / "m.zip", {**hf_members("a/"), "b/other.txt": b"x"})
-    with pytest.raises(UnknownFormat, match="not an ONNX model"):
+    with pytest.raises(UnknownFormatError, match="not an ONNX model"):
         detect_model_format(path)
 
 
@@ -209,13 +210,13 @@ def test_symlink_in_hf_tar_is_refused(tmp_path: Path) -> None:
             entry = tarfile.TarInfo(name)
             entry.size = len(data)
             tf.addfile(entry, io.BytesIO(data))
-    with pytest.raises(UnknownFormat, match="'model/tokenizer.json' is a symbolic link"):
+    with pytest.raises(UnknownFormatError, match="'model/tokenizer.json' is a symbolic link"):
         detect_model_format(path)
 
 
 def test_traversal_member_is_refused(tmp_path: Path) -> None:
     path = make_zip(tmp_path / "m.zip", {**hf_members(), "../evil": b"x"})
-    with pytest.raises(UnknownFormat, match="'../evil' escapes the archive"):
+    with pytest.raises(UnknownFormatError, match="'../evil' escapes the archive"):
         detect_model_format(path)
     assert not (tmp_path.parent / "evil").exists()
 
@@ -223,38 +224,38 @@ def test_traversal_member_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("seed", range(20))
 def test_random_bytes_are_refused(tmp_path: Path, seed: int) -> None:
     data = random.Random(seed).randbytes(4096)
-    with pytest.raises(UnknownFormat, match="not a recognised model|truncated"):
+    with pytest.raises(UnknownFormatError, match="not a recognised model|truncated"):
         detect_model_format(write(tmp_path / "model.onnx", data))
 
 
 def test_empty_file_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(UnknownFormat, match="the file is empty"):
+    with pytest.raises(UnknownFormatError, match="the file is empty"):
         detect_model_format(write(tmp_path / "model.onnx", b""))
-    with pytest.raises(UnknownFormat, match="the file is empty"):
+    with pytest.raises(UnknownFormatError, match="the file is empty"):
         detect_dataset_kind(write(tmp_path / "data.npz", b""))
 
 
 @pytest.mark.parametrize("text", ["hello world\n", '{"ir_version": 9}\n', "ir_version: 8\ngraph {}\n"])
 def test_text_is_refused(tmp_path: Path, text: str) -> None:
-    with pytest.raises(UnknownFormat, match="the file is text, not a model"):
+    with pytest.raises(UnknownFormatError, match="the file is text, not a model"):
         detect_model_format(write(tmp_path / "model.onnx", text.encode()))
 
 
 def test_lone_safetensors_asks_for_the_folder(tmp_path: Path) -> None:
-    with pytest.raises(UnknownFormat, match="lone .safetensors"):
+    with pytest.raises(UnknownFormatError, match="lone .safetensors"):
         detect_model_format(write(tmp_path / "model.safetensors", safetensors_bytes()))
 
 
 def test_onnx_inside_a_zip_asks_for_the_file_itself(tmp_path: Path) -> None:
     path = make_zip(tmp_path / "m.zip", {"model.onnx": onnx_bytes(), "model.onnx.data": bytes(64)})
-    with pytest.raises(UnknownFormat, match="upload the .onnx file itself"):
+    with pytest.raises(UnknownFormatError, match="upload the .onnx file itself"):
         detect_model_format(path)
 
 
 def test_npz_uploaded_as_a_model_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "data.npz"
     np.savez(path, x=np.zeros((2, 3), np.float32))
-    with pytest.raises(UnknownFormat, match="NumPy .npz dataset"):
+    with pytest.raises(UnknownFormatError, match="NumPy .npz dataset"):
         detect_model_format(path)
 
 
@@ -281,13 +282,13 @@ def test_dataset_kinds(tmp_path: Path) -> None:
     ],
 )
 def test_odd_datasets_are_refused(tmp_path: Path, content: bytes, message: str) -> None:
-    with pytest.raises(UnknownFormat, match=message):
+    with pytest.raises(UnknownFormatError, match=message):
         detect_dataset_kind(write(tmp_path / "d.jsonl", content))
 
 
 def test_zip_of_non_npy_is_not_a_dataset(tmp_path: Path) -> None:
     path = make_zip(tmp_path / "d.npz", {"x.npy": b"", "notes.txt": b"hi"})
-    with pytest.raises(UnknownFormat, match="member 'notes.txt' is not a .npy array"):
+    with pytest.raises(UnknownFormatError, match="member 'notes.txt' is not a .npy array"):
         detect_dataset_kind(path)
 
 

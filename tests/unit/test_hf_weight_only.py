@@ -12,7 +12,7 @@ import torch
 
 from tests import hf_models
 from worker.engine import EngineError, inspect_model, quantize
-from worker.engine.types import UnsupportedModel
+from worker.engine.errors import UnsupportedModelError
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_configs_that_would_need_foreign_code_or_are_quantized_are_refused(
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, **change}))
     archive = hf_models.zip_folder(folder, tmp_path / "m.zip")
-    with pytest.raises(UnsupportedModel, match=message):
+    with pytest.raises(UnsupportedModelError, match=message):
         inspect_model(archive, "hf")
 
 

@@ -257,10 +257,10 @@ def test_garbage_and_external_data_are_not_valid_onnx(mlp_onnx: Path, tmp_path: 
 
 
 def test_format_modules_resolve_and_unknown_formats_are_refused() -> None:
+    from worker.engine.errors import UnsupportedModelError
     from worker.engine.formats import loaders
-    from worker.engine.types import UnsupportedModel
 
-    with pytest.raises(UnsupportedModel):
+    with pytest.raises(UnsupportedModelError):
         loaders.for_format("keras")
     assert loaders.for_format("onnx").__name__ == "worker.engine.onnx.common"
     assert loaders.for_format("hf").__name__ == "worker.engine.hf.common"

@@ -7,7 +7,8 @@ from pydantic import ValidationError
 
 from app.routes.system import capabilities_document
 from worker.engine.config import DynamicConfig, WeightOnlyConfig
-from worker.engine.registry import SPECS, UnsupportedMethod, resolve
+from worker.engine.errors import UnsupportedMethodError
+from worker.engine.registry import SPECS, resolve
 
 
 @pytest.mark.parametrize("key", list(SPECS), ids=lambda k: f"{k[0]}-{k[1]}")
@@ -19,7 +20,7 @@ def test_each_spec_imports_its_handler_and_round_trips_its_config(key) -> None:
 
 
 def test_unknown_pair_lists_what_is_supported() -> None:
-    with pytest.raises(UnsupportedMethod) as info:
+    with pytest.raises(UnsupportedMethodError) as info:
         resolve("onnx", "alchemy")
     assert "onnx/dynamic" in str(info.value) and "onnx/dynamic" in info.value.supported
 

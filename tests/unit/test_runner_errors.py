@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import ROOT
 from worker.engine import runner
-from worker.engine.types import EngineError
+from worker.engine.errors import EngineError
 
 
 def _raised(make) -> BaseException:

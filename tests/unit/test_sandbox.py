@@ -60,9 +60,9 @@ def test_unmeasurable_memory_stops_the_job_instead_of_disabling_the_limit(monkey
         raise OSError("no way to read memory")
 
     monkeypatch.setattr(sandbox, "RSS_READERS", (broken,))
-    with pytest.raises(sandbox.MemoryUnmeasurable):
+    with pytest.raises(sandbox.MemoryUnmeasurableError):
         sandbox._rss_mb(os.getpid())
-    with pytest.raises(sandbox.SandboxFailure) as failure:
+    with pytest.raises(sandbox.SandboxError) as failure:
         sandbox._guarded_rss_mb(os.getpid())
     assert failure.value.code == "internal" and failure.value.reason == "memory_unmeasurable"
     assert "QUANTSERVE_JOB_MEMORY_LIMIT_MB" in str(failure.value)
@@ -81,7 +81,7 @@ def test_an_engine_process_killed_by_a_crash_is_engine_error(tmp_path: Path) -> 
     import signal
 
     (tmp_path / "stderr.log").write_text("Fatal Python error: Segmentation fault")
-    with pytest.raises(sandbox.SandboxFailure) as failure:
+    with pytest.raises(sandbox.SandboxError) as failure:
         sandbox._outcome(-signal.SIGSEGV, tmp_path / "result.json", tmp_path / "stderr.log")
     assert failure.value.code == "engine_error" and failure.value.reason == "engine_crashed"
     assert "SIGSEGV" in str(failure.value)
@@ -101,7 +101,7 @@ def test_engine_process_has_no_network(tmp_path: Path) -> None:
 
 
 def test_a_stopped_job_kills_the_engine(tmp_path: Path) -> None:
-    with pytest.raises(sandbox.Stopped):
+    with pytest.raises(sandbox.JobStoppedError):
         sandbox.run({"op": "inspect_model", "path": os.devnull, "format": "onnx"}, tmp_path,
                     keep_going=lambda: False, check_every_s=0.0)
 

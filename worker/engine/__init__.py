@@ -9,15 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from worker.engine import accelerator
+from worker.engine import accelerator, registry
 from worker.engine.config import MethodConfig
 from worker.engine.context import JobContext
-from worker.engine.registry import SPECS, MethodSpec, UnsupportedMethod, resolve
+from worker.engine.errors import EngineError, UnsupportedMethodError
+from worker.engine.registry import SPECS, MethodSpec, resolve
 from worker.engine.types import (
     DatasetInfo,
     DatasetKind,
     Device,
-    EngineError,
     LogFn,
     Method,
     ModelFormat,
@@ -33,7 +33,7 @@ __all__ = [
     "EngineError",
     "JobContext",
     "MethodSpec",
-    "UnsupportedMethod",
+    "UnsupportedMethodError",
     "inspect_dataset",
     "inspect_model",
     "quantize",
@@ -79,7 +79,7 @@ def quantize(
     if not isinstance(config, MethodConfig):
         config = spec.config_model.model_validate(config or {})
     if Device(device) not in spec.devices:
-        raise UnsupportedMethod(str(fmt), f"{method} on {device}")
+        raise UnsupportedMethodError(str(fmt), f"{method} on {device}", registry.supported())
     problems = spec.config_problems(config, device)
     if problems:
         raise EngineError("; ".join(f"config.{field}: {why}" for field, why in problems), code="unsupported")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.engine.types import Device, EngineError
+from worker.engine.errors import EngineError
+from worker.engine.types import Device
 
 
 def torch_device(device: Device | str, *, min_capability: tuple[int, int] | None = None, purpose: str = "") -> str:

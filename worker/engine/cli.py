@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from worker import engine
-    from worker.engine.formats.detect import UnknownFormat, detect_model_format
+    from worker.engine.errors import UnknownFormatError
+    from worker.engine.formats.detect import detect_model_format
     from worker.engine.types import ModelFormat
 
     console = Console(stderr=True)
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         # A local Hugging Face folder is read in place; an upload would be its zip.
         fmt = ModelFormat.hf if args.model.is_dir() else detect_model_format(args.model)
         config = json.loads(args.config)
-    except (UnknownFormat, OSError, ValueError) as exc:
+    except (UnknownFormatError, OSError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}")
         return 2
     args.output.mkdir(parents=True, exist_ok=True)

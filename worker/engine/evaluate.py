@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from worker.engine import metrics as m
-from worker.engine.types import EngineError, TensorSpec
+from worker.engine.errors import EngineError
+from worker.engine.types import TensorSpec
 
 if TYPE_CHECKING:
     from worker.engine.context import JobContext

@@ -14,7 +14,8 @@ from worker.engine.config import (
     TorchExportStaticConfig,
     WeightOnlyConfig,
 )
-from worker.engine.types import Device, EngineError, Method, ModelFormat, Status
+from worker.engine.errors import UnsupportedMethodError
+from worker.engine.types import Device, Method, ModelFormat, Status
 
 
 class MethodSpec(NamedTuple):
@@ -45,16 +46,6 @@ class MethodSpec(NamedTuple):
     def load_handler(self) -> Callable[..., Any]:
         module_name, _, attr = self.handler.partition(":")
         return getattr(importlib.import_module(module_name), attr)
-
-
-class UnsupportedMethod(EngineError):
-    code = "unsupported"
-
-    def __init__(self, fmt: str, method: str) -> None:
-        self.supported = sorted(f"{f}/{m}" for f, m in SPECS)
-        super().__init__(
-            f"method {method!r} is not available for format {fmt!r}; supported: {', '.join(self.supported)}"
-        )
 
 
 _CPU = frozenset({Device.cpu})
@@ -146,7 +137,12 @@ def resolve(fmt: str, method: str) -> MethodSpec:
     try:
         return SPECS[(ModelFormat(fmt), Method(method))]
     except (KeyError, ValueError):
-        raise UnsupportedMethod(fmt, method) from None
+        raise UnsupportedMethodError(fmt, method, supported()) from None
+
+
+def supported() -> list[str]:
+    """Every offered pair as "format/method"."""
+    return sorted(f"{f}/{m}" for f, m in SPECS)
 
 
 def devices() -> list[str]:

@@ -107,7 +107,7 @@ def _versions() -> str:
 def _error(exc: BaseException, op: str, max_file_bytes: int) -> dict[str, str | None]:
     """The job error of an exception raised by the engine. Order matters: resource exhaustion first, because
     handlers wrap a library's MemoryError in their own EngineError."""
-    from worker.engine.types import EngineError
+    from worker.engine.errors import EngineError
 
     if (oom := _oom_reason(exc)) is not None:
         root = _root(exc)

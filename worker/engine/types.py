@@ -39,21 +39,6 @@ class DatasetKind(StrEnum):
     text = "text"
 
 
-class EngineError(Exception):
-    """A failure the user can fix (bad file, bad data, unsupported model). Never retried."""
-
-    code = "invalid_input"
-
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
-
-
-class UnsupportedModel(EngineError):
-    code = "unsupported"
-
-
 @dataclass(frozen=True)
 class TensorSpec:
     name: str

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, BinaryIO
 
-from worker.engine.types import EngineError
+from worker.engine.errors import EngineError
 
 DEFAULT_MAX_ENTRIES = 10_000
 DEFAULT_MAX_TOTAL_BYTES = 2 * 1024**3

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 from numpy.lib import format as npy
 
+from worker.engine.errors import EngineError
 from worker.engine.formats import archives
-from worker.engine.types import ArrayInfo, DatasetInfo, DatasetKind, EngineError
+from worker.engine.types import ArrayInfo, DatasetInfo, DatasetKind
 
 DEFAULT_MAX_BYTES = 2 * 1024**3  # decompressed .npy members (headers and data), all together
 MAX_LINE_BYTES = 1024 * 1024

@@ -10,8 +10,9 @@ import codecs
 import json
 from pathlib import Path
 
+from worker.engine.errors import EngineError, UnknownFormatError
 from worker.engine.formats import archives
-from worker.engine.types import DatasetKind, EngineError, ModelFormat
+from worker.engine.types import DatasetKind, ModelFormat
 
 _WINDOW = 64 * 1024
 _MAX_LINE = 1024 * 1024 + 1  # datasets.MAX_LINE_BYTES and its newline (not imported: datasets needs numpy)
@@ -21,71 +22,65 @@ _PICKLE_HINT = ("a Python pickle is never loaded (it can run code); export with 
                 "or save Hugging Face weights with safe_serialization=True")
 
 
-class UnknownFormat(EngineError):
-    """The bytes are not a format quantserve accepts (the API answers 415)."""
-
-    code = "unsupported_format"
-
-
 def detect_model_format(path: Path) -> ModelFormat:
-    """The model format of the file at path, from its bytes; UnknownFormat saying why otherwise."""
+    """The model format of the file at path, from its bytes; UnknownFormatError saying why otherwise."""
     path = Path(path)
     size = path.stat().st_size
     with path.open("rb") as fh:
         head = fh.read(_WINDOW)
     if not head:
-        raise UnknownFormat("the file is empty")
+        raise UnknownFormatError("the file is empty")
     if head.startswith(b"PK\x05\x06"):
-        raise UnknownFormat("the zip archive is empty")
+        raise UnknownFormatError("the zip archive is empty")
     kind = archives.sniff_archive(head)
     if kind == "zip":
         return _detect_zip(path)
     if kind is not None:
         return _detect_tar(path, size)
     if _is_pickle(head):
-        raise UnknownFormat(f"the file is a Python pickle (torch.save or pickle.dump): {_PICKLE_HINT}")
+        raise UnknownFormatError(f"the file is a Python pickle (torch.save or pickle.dump): {_PICKLE_HINT}")
     if head.startswith(b"\x93NUMPY"):
-        raise UnknownFormat("the file is a NumPy .npy array, not a model")
+        raise UnknownFormatError("the file is a NumPy .npy array, not a model")
     problem = _onnx_problem(head, size)
     if problem is None:
         return ModelFormat.onnx
     if _is_safetensors(head, size):
-        raise UnknownFormat("a lone .safetensors file has no config: upload a zip or tar of the "
+        raise UnknownFormatError("a lone .safetensors file has no config: upload a zip or tar of the "
                             "Hugging Face folder (config.json + *.safetensors)")
     if problem.startswith("truncated"):
-        raise UnknownFormat(f"the file looks like an ONNX model but is {problem}")
+        raise UnknownFormatError(f"the file looks like an ONNX model but is {problem}")
     if _is_text(head):
-        raise UnknownFormat(f"the file is text, not a model; expected {_SUPPORTED}")
-    raise UnknownFormat(f"the bytes are not a recognised model ({problem}); expected {_SUPPORTED}")
+        raise UnknownFormatError(f"the file is text, not a model; expected {_SUPPORTED}")
+    raise UnknownFormatError(f"the bytes are not a recognised model ({problem}); expected {_SUPPORTED}")
 
 
 def detect_dataset_kind(path: Path) -> DatasetKind:
-    """'tensors' for an .npz (zip of .npy), 'text' for JSON lines with a "text" key; UnknownFormat otherwise."""
+    """'tensors' for an .npz (zip of .npy), 'text' for JSON lines with a "text" key; UnknownFormatError otherwise."""
     path = Path(path)
     with path.open("rb") as fh:
         head = fh.read(_WINDOW)
     if not head:
-        raise UnknownFormat("the file is empty")
+        raise UnknownFormatError("the file is empty")
     if head.startswith(b"PK\x03\x04"):
         names = [m.name for m in _members(path)]
         if not names:
-            raise UnknownFormat("the zip archive holds no arrays")
+            raise UnknownFormatError("the zip archive holds no arrays")
         stray = [n for n in names if not n.endswith(".npy")]
         if stray:
-            raise UnknownFormat(f"a zip that is not an .npz: member '{stray[0]}' is not a .npy array; "
+            raise UnknownFormatError(f"a zip that is not an .npz: member '{stray[0]}' is not a .npy array; "
                                 "save datasets with numpy.savez")
         return DatasetKind.tensors
     if head.startswith(b"\x93NUMPY"):
-        raise UnknownFormat("a single .npy array: save it with numpy.savez(path, input=array) to name it")
+        raise UnknownFormatError("a single .npy array: save it with numpy.savez(path, input=array) to name it")
     if _is_pickle(head):
-        raise UnknownFormat(f"the file is a Python pickle: {_PICKLE_HINT}")
+        raise UnknownFormatError(f"the file is a Python pickle: {_PICKLE_HINT}")
     try:
         first = json.loads(_first_line(path).removeprefix(b"\xef\xbb\xbf").decode("utf-8", errors="strict"))
     except (UnicodeDecodeError, ValueError, RecursionError):
         first = None
     if isinstance(first, dict) and "text" in first:
         return DatasetKind.text
-    raise UnknownFormat('not a dataset: expected an .npz of arrays or JSON lines like {"text": "..."}')
+    raise UnknownFormatError('not a dataset: expected an .npz of arrays or JSON lines like {"text": "..."}')
 
 
 def _first_line(path: Path) -> bytes:
@@ -103,14 +98,14 @@ def _members(path: Path) -> list[archives.Member]:
     # A zip's names come from its central directory: nothing is decompressed, so no size cap here.
     try:
         return archives.list_members(path, max_total_bytes=None)
-    except EngineError as exc:  # callers of detect expect UnknownFormat only (a 415)
-        raise UnknownFormat(str(exc)) from exc
+    except EngineError as exc:  # callers of detect expect UnknownFormatError only (a 415)
+        raise UnknownFormatError(str(exc)) from exc
 
 
 def _detect_zip(path: Path) -> ModelFormat:
     names = [m.name for m in _members(path)]
     if not names:
-        raise UnknownFormat("the zip archive holds no files")
+        raise UnknownFormatError("the zip archive holds no files")
     if _hf_folder(names, complete=True):
         return ModelFormat.hf
     # torch writes every member under one top folder named after the file ("model/...").
@@ -126,14 +121,14 @@ def _detect_zip(path: Path) -> ModelFormat:
         return ModelFormat.torchscript
     _refuse_pickled_hf(names)
     if "data.pkl" in rel:
-        raise UnknownFormat("the zip was written by torch.save: a torch.save pickle is not accepted; "
+        raise UnknownFormatError("the zip was written by torch.save: a torch.save pickle is not accepted; "
                             "export with torch.export.save or ONNX")
     if any(n.endswith(".onnx") for n in names):
-        raise UnknownFormat("the zip holds an ONNX model: upload the .onnx file itself, with its weights "
+        raise UnknownFormatError("the zip holds an ONNX model: upload the .onnx file itself, with its weights "
                             "inside (onnx.save(model, path, save_as_external_data=False))")
     if names and all(n.endswith(".npy") for n in names):
-        raise UnknownFormat("the zip is a NumPy .npz dataset, not a model: upload it as a dataset")
-    raise UnknownFormat(f"the zip archive is not {_SUPPORTED}; it holds {_preview(names)}")
+        raise UnknownFormatError("the zip is a NumPy .npz dataset, not a model: upload it as a dataset")
+    raise UnknownFormatError(f"the zip archive is not {_SUPPORTED}; it holds {_preview(names)}")
 
 
 def _detect_tar(path: Path, size: int) -> ModelFormat:
@@ -148,9 +143,9 @@ def _detect_tar(path: Path, size: int) -> ModelFormat:
             if key_file and _hf_folder(names, complete=False):
                 return ModelFormat.hf
     except EngineError as exc:
-        raise UnknownFormat(str(exc)) from exc
+        raise UnknownFormatError(str(exc)) from exc
     _refuse_pickled_hf(names)
-    raise UnknownFormat("the tar archive is not a Hugging Face folder (config.json + *.safetensors); "
+    raise UnknownFormatError("the tar archive is not a Hugging Face folder (config.json + *.safetensors); "
                         f"it holds {_preview(names)}")
 
 
@@ -176,9 +171,9 @@ def _refuse_pickled_hf(names: list[str]) -> None:
     if not has_config or any(n.endswith(".safetensors") for n in names):
         return
     if any(n.endswith(".bin") for n in names):
-        raise UnknownFormat("the Hugging Face folder has pickled *.bin weights and no *.safetensors: "
+        raise UnknownFormatError("the Hugging Face folder has pickled *.bin weights and no *.safetensors: "
                             "save it with save_pretrained(..., safe_serialization=True)")
-    raise UnknownFormat("the archive has a config.json but no *.safetensors weights next to it")
+    raise UnknownFormatError("the archive has a config.json but no *.safetensors weights next to it")
 
 
 def _preview(names: list[str]) -> str:

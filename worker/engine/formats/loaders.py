@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from worker.engine.types import ModelFormat, UnsupportedModel
+from worker.engine.errors import UnsupportedModelError
+from worker.engine.types import ModelFormat
 
 _MODULES = {
     ModelFormat.onnx: "worker.engine.onnx.common",
@@ -20,8 +21,8 @@ def for_format(fmt: ModelFormat | str) -> ModuleType:
     try:
         fmt = ModelFormat(fmt)
     except ValueError:
-        raise UnsupportedModel(f"unknown model format {fmt!r}; known: {', '.join(ModelFormat)}") from None
+        raise UnsupportedModelError(f"unknown model format {fmt!r}; known: {', '.join(ModelFormat)}") from None
     if fmt not in _MODULES:
-        raise UnsupportedModel(f"{fmt.value} models are not supported yet; export to ONNX or torch.export")
+        raise UnsupportedModelError(f"{fmt.value} models are not supported yet; export to ONNX or torch.export")
     # Lazy: torch is heavy and the API process must never import it.
     return importlib.import_module(_MODULES[fmt])

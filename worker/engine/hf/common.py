@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from worker.engine.errors import EngineError, UnsupportedModelError
 from worker.engine.formats import archives
-from worker.engine.types import EngineError, ModelFormat, ModelInfo, TensorSpec, UnsupportedModel
+from worker.engine.types import ModelFormat, ModelInfo, TensorSpec
 
 if TYPE_CHECKING:
     import torch
@@ -59,16 +60,16 @@ def read_config(folder: Path, *, quantized: bool = False) -> dict[str, Any]:
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EngineError(f"config.json is not readable JSON: {exc}") from None
+        raise EngineError(f"config.json is not readable JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise EngineError("config.json must hold a JSON object")
     if config.get("auto_map"):
-        raise UnsupportedModel("the model's config.json names custom code (auto_map); quantserve never runs code "
+        raise UnsupportedModelError("the model's config.json names custom code (auto_map); quantserve never runs code "
                                "from an upload, so only architectures built into transformers are supported")
     if config.get("quantization_config") and not quantized:
         method = config["quantization_config"].get("quant_method", "?") if isinstance(
             config["quantization_config"], dict) else "?"
-        raise UnsupportedModel(f"the model is already quantized ({method}); upload the float checkpoint")
+        raise UnsupportedModelError(f"the model is already quantized ({method}); upload the float checkpoint")
     return config
 
 
@@ -80,7 +81,7 @@ def model_class(config: dict[str, Any]) -> type[PreTrainedModel]:
     if names:
         cls = getattr(transformers, str(names[0]), None) if str(names[0]).isidentifier() else None
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-            raise UnsupportedModel(f"architecture {names[0]!r} is not a model class of transformers "
+            raise UnsupportedModelError(f"architecture {names[0]!r} is not a model class of transformers "
                                    f"{transformers.__version__}; custom architectures are not supported")
         return cls
     return transformers.AutoModel
@@ -108,7 +109,7 @@ def load_model(folder: Path, *, device: str = "cpu", quantized: bool = False) ->
         model = cls.from_pretrained(str(folder), dtype="auto", trust_remote_code=False, use_safetensors=True,
                                     local_files_only=True, **options)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-        raise EngineError(f"transformers could not load the model: {type(exc).__name__}: {str(exc)[:400]}") from None
+        raise EngineError(f"transformers could not load the model: {type(exc).__name__}: {str(exc)[:400]}") from exc
     if quantized:
         skip_requantization(model)
     return model.to(device).eval()
@@ -137,7 +138,7 @@ def load_tokenizer(folder: Path):  # noqa: ANN201 - a transformers tokenizer
     try:
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise EngineError(f"the model's tokenizer files could not be loaded: {type(exc).__name__}: {exc}") from None
+        raise EngineError(f"the model's tokenizer files could not be loaded: {type(exc).__name__}: {exc}") from exc
 
 
 def weights_bytes(folder: Path) -> int:
@@ -167,7 +168,7 @@ def _parameters_in_header(stream: archives.CountingReader, name: str) -> int:
         header = json.loads(stream.read(size))
         return sum(int(np.prod(entry["shape"])) for key, entry in header.items() if key != "__metadata__")
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise EngineError(f"{name} has a damaged safetensors header: {exc}") from None
+        raise EngineError(f"{name} has a damaged safetensors header: {exc}") from exc
 
 
 def _read_archive(path: Path, scratch: Path) -> tuple[Path, int]:
@@ -203,7 +204,7 @@ def inspect(path: Path) -> ModelInfo:
                 cls._from_config(AutoConfig.from_pretrained(str(folder), trust_remote_code=False,
                                                            local_files_only=True))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise EngineError(f"config.json does not describe a {cls.__name__}: {type(exc).__name__}: {exc}") from None
+            raise EngineError(f"config.json does not describe a {cls.__name__}: {type(exc).__name__}: {exc}") from exc
     return ModelInfo(format=ModelFormat.hf, inputs=list(INPUTS), outputs=output_specs(cls, config),
                      num_parameters=num_parameters, architecture=cls.__name__)
 

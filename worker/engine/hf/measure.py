@@ -16,9 +16,9 @@ import numpy as np
 
 from worker.engine import evaluate
 from worker.engine import metrics as m
+from worker.engine.errors import EngineError
 from worker.engine.formats import archives, datasets
 from worker.engine.hf import common as hf_common
-from worker.engine.types import EngineError
 
 if TYPE_CHECKING:
     import torch

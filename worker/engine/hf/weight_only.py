@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from worker.engine import accelerator, evaluate, report
+from worker.engine.errors import EngineError
 from worker.engine.hf import common as hf_common
 from worker.engine.hf import measure as hf_measure
-from worker.engine.types import ArtifactFile, EngineError, QuantizeResult
+from worker.engine.types import ArtifactFile, QuantizeResult
 
 if TYPE_CHECKING:
     import torch
@@ -203,7 +204,7 @@ def run(ctx: JobContext) -> QuantizeResult:
         raise
     except Exception as exc:  # llm-compressor raises many types on models it cannot trace or quantize
         raise EngineError(f"llm-compressor could not quantize this model: {type(exc).__name__}: {str(exc)[:500]}",
-                          code="unsupported") from None
+                          code="unsupported") from exc
     # llm-compressor 0.14 runs its pass on the first accelerator it sees (utils/dev.get_main_device), whatever
     # device the model is on: on a GPU host a cpu job's pass runs on the GPU too. Say where it ran.
     from llmcompressor.utils.dev import get_main_device

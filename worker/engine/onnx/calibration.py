@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from worker.engine.types import EngineError
+from worker.engine.errors import EngineError
 
 if TYPE_CHECKING:
     from worker.engine.config import StaticConfig

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from worker.engine.types import EngineError, ModelFormat, ModelInfo, TensorSpec
+from worker.engine.errors import EngineError
+from worker.engine.types import ModelFormat, ModelInfo, TensorSpec
 
 if TYPE_CHECKING:
     import onnx

@@ -12,10 +12,11 @@ import numpy as np
 
 from worker.engine import evaluate, report
 from worker.engine import metrics as m
+from worker.engine.errors import EngineError
 from worker.engine.onnx import calibration as onnx_calibration
 from worker.engine.onnx import common as onnx_common
 from worker.engine.onnx import deliver, normalize, speed, static_layers
-from worker.engine.types import ArtifactFile, EngineError, QuantizeResult
+from worker.engine.types import ArtifactFile, QuantizeResult
 
 if TYPE_CHECKING:
     import onnx

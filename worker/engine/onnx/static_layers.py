@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from worker.engine import metrics as m
+from worker.engine.errors import EngineError
 from worker.engine.onnx import common as onnx_common
-from worker.engine.types import EngineError
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from worker.engine.types import EngineError
+from worker.engine.errors import EngineError
 
 STAGES = ("checker", "session", "run")
 

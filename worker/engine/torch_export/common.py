@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from worker.engine.errors import EngineError
 from worker.engine.torch_export import safety as pt2_safety
-from worker.engine.types import EngineError, ModelFormat, ModelInfo, TensorSpec
+from worker.engine.types import ModelFormat, ModelInfo, TensorSpec
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +31,7 @@ def load_program(path: Path, scratch: Path | None = None) -> torch.export.Export
         try:
             return torch.export.load(str(copy))
         except Exception as exc:  # torch raises many types for a malformed program
-            raise EngineError(f"could not load the torch.export program: {type(exc).__name__}: {exc}") from None
+            raise EngineError(f"could not load the torch.export program: {type(exc).__name__}: {exc}") from exc
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

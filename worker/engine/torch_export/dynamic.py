@@ -7,11 +7,12 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from worker.engine import evaluate, report
+from worker.engine.errors import EngineError
 from worker.engine.torch_export import common as pt2_common
 from worker.engine.torch_export.deliver import measure_saved
 from worker.engine.torch_export.graph import example_args, module_path, reexport, weight_layers
 from worker.engine.torch_export.lowering import lower_dynamic_linears, lower_embeddings
-from worker.engine.types import ArtifactFile, EngineError, QuantizeResult, TensorSpec
+from worker.engine.types import ArtifactFile, QuantizeResult, TensorSpec
 
 if TYPE_CHECKING:
     import torch
@@ -122,7 +123,7 @@ def run(ctx: JobContext) -> QuantizeResult:
         raise
     except Exception as exc:  # PT2E and re-export raise many types on graphs they cannot handle
         raise EngineError(f"PT2E dynamic quantization failed on this program: {type(exc).__name__}: "
-                          f"{str(exc)[:500]}", code="unsupported") from None
+                          f"{str(exc)[:500]}", code="unsupported") from exc
     int8_paths = {item.module_path for item in lowered}
     if not int8_paths:
         raise EngineError("dynamic quantization found no Linear or Embedding layer to quantize in this "

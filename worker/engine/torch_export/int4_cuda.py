@@ -26,9 +26,9 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING, Any
 
+from worker.engine.errors import EngineError
 from worker.engine.torch_export import ops
 from worker.engine.torch_export.graph import tensor_attr
-from worker.engine.types import EngineError
 
 if TYPE_CHECKING:
     import torch

@@ -19,11 +19,12 @@ import numpy as np
 
 from worker.engine import accelerator, evaluate
 from worker.engine import metrics as m
+from worker.engine.errors import EngineError
 from worker.engine.torch_export import common as pt2_common
 from worker.engine.torch_export import x86_recipe
 from worker.engine.torch_export.deliver import deliver
 from worker.engine.torch_export.graph import example_args, weight_layer_names
-from worker.engine.types import Device, EngineError, QuantizeResult, TensorSpec
+from worker.engine.types import Device, QuantizeResult, TensorSpec
 
 if TYPE_CHECKING:
     import torch
@@ -210,7 +211,7 @@ def run(ctx: JobContext) -> QuantizeResult:
         raise
     except Exception as exc:  # export and PT2E raise many types on graphs they cannot handle
         raise EngineError(f"PT2E QAT preparation failed on this program: {type(exc).__name__}: {str(exc)[:500]}",
-                          code="unsupported") from None
+                          code="unsupported") from exc
     teacher = _module_copy(program, device)  # eval-mode batch-norm: only read, never trained
     ctx.log("info", f"QAT on {device}: {len(inputs[0])} samples, {config.epochs} epoch(s), loss {config.loss}")
     losses = _train(ctx, prepared, teacher, inputs, labels, config, device)

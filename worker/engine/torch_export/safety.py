@@ -25,7 +25,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from worker.engine.types import EngineError
+from worker.engine.errors import EngineError
 
 MAX_MEMBERS = 100_000
 MAX_JSON_BYTES = 512 * 1024 * 1024
@@ -152,7 +152,7 @@ def sanitized_copy(src: Path, dst: Path) -> Path:
     try:
         zf = zipfile.ZipFile(src)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise _refuse(f"not a zip archive ({exc})") from None
+        raise _refuse(f"not a zip archive ({exc})") from exc
     with zf:
         infos = zf.infolist()
         if not infos or len(infos) > MAX_MEMBERS:
@@ -182,7 +182,7 @@ def sanitized_copy(src: Path, dst: Path) -> Path:
         try:
             program = _sanitize(json.loads(zf.read(info)))
         except (ValueError, UnicodeDecodeError) as exc:
-            raise _refuse(f"models/model.json is not valid JSON ({exc})") from None
+            raise _refuse(f"models/model.json is not valid JSON ({exc})") from exc
         with zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as out:
             for rel, info in names.items():
                 if rel == "models/model.json":

@@ -14,6 +14,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 from worker.engine import evaluate
+from worker.engine.errors import EngineError
 from worker.engine.torch_export import common as pt2_common
 from worker.engine.torch_export.deliver import deliver
 from worker.engine.torch_export.graph import batched, weight_layer_names
@@ -26,7 +27,7 @@ from worker.engine.torch_export.x86_recipe import (
     quantizer,
     symmetric_notes,
 )
-from worker.engine.types import EngineError, QuantizeResult
+from worker.engine.types import QuantizeResult
 
 if TYPE_CHECKING:
     from worker.engine.config import TorchExportStaticConfig
@@ -71,7 +72,7 @@ def run(ctx: JobContext) -> QuantizeResult:
         raise
     except Exception as exc:  # PT2E raises many types on graphs it cannot handle
         raise EngineError(f"PT2E static quantization failed on this program: {type(exc).__name__}: "
-                          f"{str(exc)[:500]}", code="unsupported") from None
+                          f"{str(exc)[:500]}", code="unsupported") from exc
     ctx.log("info", f"calibrated on {len(calibration)} samples with {ALGORITHMS[config.calibration.algorithm]}")
     details = {"quantizer": "X86InductorQuantizer (static)", "weight_bits": config.weight_bits,
                "granularity": config.granularity, "calibration_samples": len(calibration),

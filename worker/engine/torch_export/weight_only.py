@@ -19,13 +19,14 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from worker.engine import accelerator, evaluate, report
+from worker.engine.errors import EngineError
 from worker.engine.registry import resolve
 from worker.engine.torch_export import common as pt2_common
 from worker.engine.torch_export import int4_cuda
 from worker.engine.torch_export.deliver import measure_saved
 from worker.engine.torch_export.graph import module_path, reexport, tensor_attr, weight_layers
 from worker.engine.torch_export.ops import weight_only_embedding, weight_only_linear
-from worker.engine.types import ArtifactFile, Device, EngineError, QuantizeResult
+from worker.engine.types import ArtifactFile, Device, QuantizeResult
 
 if TYPE_CHECKING:
     import torch
@@ -198,7 +199,7 @@ def run(ctx: JobContext) -> QuantizeResult:
         raise
     except Exception as exc:  # torchao and re-export raise many types on graphs they cannot handle
         raise EngineError(f"weight-only quantization failed on this program: {type(exc).__name__}: "
-                          f"{str(exc)[:500]}", code="unsupported") from None
+                          f"{str(exc)[:500]}", code="unsupported") from exc
     if not done:
         raise EngineError("weight-only quantization found no Linear or Embedding layer to quantize in this "
                           "program", code="nothing_to_quantize")

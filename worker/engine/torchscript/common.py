@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from worker.engine.errors import EngineError
 from worker.engine.formats import datasets
 from worker.engine.torch_export import common as pt2_common
-from worker.engine.types import DatasetKind, EngineError, ModelFormat, ModelInfo, TensorSpec
+from worker.engine.types import DatasetKind, ModelFormat, ModelInfo, TensorSpec
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +36,7 @@ def load_module(path: Path) -> torch.jit.ScriptModule:
     try:
         module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # torch raises RuntimeError and friends for a malformed archive
-        raise EngineError(f"could not load the TorchScript archive: {type(exc).__name__}: {exc}") from None
+        raise EngineError(f"could not load the TorchScript archive: {type(exc).__name__}: {exc}") from exc
     return module.eval()
 
 

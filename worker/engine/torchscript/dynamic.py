@@ -6,9 +6,10 @@ import warnings
 from typing import TYPE_CHECKING
 
 from worker.engine import evaluate
+from worker.engine.errors import EngineError
 from worker.engine.torchscript import common as ts_common
 from worker.engine.torchscript.deliver import deliver
-from worker.engine.types import EngineError, QuantizeResult
+from worker.engine.types import QuantizeResult
 
 if TYPE_CHECKING:
     import torch

@@ -21,11 +21,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from worker.engine import evaluate
+from worker.engine.errors import EngineError
 from worker.engine.torch_export.graph import batched
 from worker.engine.torch_export.x86_recipe import ALGORITHMS, CALIBRATION_BATCH, calibration_samples
 from worker.engine.torchscript import common as ts_common
 from worker.engine.torchscript.deliver import deliver
-from worker.engine.types import EngineError, QuantizeResult
+from worker.engine.types import QuantizeResult
 
 if TYPE_CHECKING:
     import torch
@@ -120,7 +121,7 @@ def run(ctx: JobContext) -> QuantizeResult:
         raise
     except Exception as exc:  # the JIT passes raise RuntimeError and friends on graphs they cannot match
         raise EngineError(f"TorchScript static quantization failed: {type(exc).__name__}: {str(exc)[:500]}",
-                          code="unsupported") from None
+                          code="unsupported") from exc
     ctx.progress("quantizing", 0.50)
     n_int8 = _quantized_ops(quantized)
     if n_int8 == 0:
