@@ -104,7 +104,7 @@ def run_job(rt: Runtime, job_id: uuid.UUID, worker: str) -> None:
     with scratch_dir(rt, f"job-{job_id}") as work:
         request = {"op": "quantize", "model_path": str(rt.storage.local_path(claim.model_key)),
                    "format": claim.model_format, "method": claim.method, "config": claim.config,
-                   "device": claim.device, "model_name": _safe_stem(claim.model_name), "work_dir": str(work / "out"),
+                   "device": claim.device, "model_name": artifact_stem(claim.model_name), "work_dir": str(work / "out"),
                    "datasets": {role: str(rt.storage.local_path(key)) for role, key in claim.dataset_keys.items()}}
         started = time.monotonic()
         try:
@@ -145,9 +145,10 @@ def _store_results(rt: Runtime, claim: lifecycle.Claim, result: dict[str, Any], 
         rt.storage.delete_prefix(prefix)  # this attempt lost the job (cancelled or reaped): keep nothing
 
 
-def _safe_stem(name: str) -> str:
+def artifact_stem(name: str) -> str:
     stem = Path(name).name
     for suffix in (".onnx", ".pt2", ".pt", ".zip"):
         stem = stem.removesuffix(suffix)
     cleaned = "".join(c if c.isalnum() or c in "-_." else "-" for c in stem).strip(".-")
-    return cleaned[:100] or "model"
+    # file names are capped in bytes (255 on Linux): 100 CJK characters are 300 UTF-8 bytes
+    return cleaned.encode()[:100].decode(errors="ignore").rstrip(".-") or "model"
