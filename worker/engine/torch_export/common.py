@@ -22,8 +22,10 @@ Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 ALIGNMENT = 64  # torch's archive writer aligns tensor data to 64 bytes; keep that when rewriting
 
 
-def load_program(path: Path, scratch: Path | None = None) -> torch.export.ExportedProgram:
-    """torch.export.load on a sanitized copy (see pt2_safety); call only in the sandboxed child."""
+def load_program(path: Path, scratch: Path | None = None, *, ours: bool = False) -> torch.export.ExportedProgram:
+    """torch.export.load on a sanitized copy (see pt2_safety); call only in the sandboxed child.
+
+    ours=True for a program the engine saved: if that does not load back, the fault is ours (engine_error)."""
     import torch
 
     with tempfile.TemporaryDirectory(prefix="pt2-", dir=scratch) as tmp:
@@ -31,7 +33,9 @@ def load_program(path: Path, scratch: Path | None = None) -> torch.export.Export
         try:
             return torch.export.load(str(copy))
         except Exception as exc:  # torch raises many types for a malformed program
-            raise EngineError(f"could not load the torch.export program: {type(exc).__name__}: {exc}") from exc
+            whose = "the quantized program quantserve saved" if ours else "the torch.export program"
+            raise EngineError(f"could not load {whose}: {type(exc).__name__}: {exc}",
+                              code="engine_error" if ours else None) from exc
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -153,5 +157,5 @@ def save_and_reload(program: torch.export.ExportedProgram, output: Path, model_p
     original_bytes, quantized_bytes = Path(model_path).stat().st_size, output.stat().st_size
     log("info", f"saved {output.name}: {quantized_bytes} bytes ({quantized_bytes / original_bytes:.3f}x)")
     with tempfile.TemporaryDirectory(dir=output.parent) as scratch:
-        reloaded = load_program(output, scratch=Path(scratch))
+        reloaded = load_program(output, scratch=Path(scratch), ours=True)
     return runner_for_module(reloaded.module(), input_names, threads=1, device=device), original_bytes, quantized_bytes

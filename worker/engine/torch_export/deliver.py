@@ -140,7 +140,7 @@ def deliver(ctx: JobContext, *, float_program: torch.export.ExportedProgram, con
     names = [s.name for s in specs]
     float_runner = pt2_common.runner_for_module(float_program.module(), names, threads=1)
     with tempfile.TemporaryDirectory(dir=ctx.work_dir) as scratch:  # measure the saved file, not the object
-        reloaded = pt2_common.load_program(output, scratch=Path(scratch))
+        reloaded = pt2_common.load_program(output, scratch=Path(scratch), ours=True)
     eager_runner = pt2_common.runner_for_module(reloaded.module(), names, threads=1)
     eager_runtime = f"torch {torch.__version__} (eager .pt2, Q/DQ around float kernels)"
     common = {"original_bytes": original_bytes, "quantized_bytes": quantized_bytes, "layers": layers}
