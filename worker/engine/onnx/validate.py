@@ -94,7 +94,7 @@ def _invalid(stage: str, exc: BaseException, path: Path) -> ArtifactInvalidError
 def session_options(threads: int | None = 1,
                     level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                     ) -> ort.SessionOptions:
-    """Options as the measurement builds them (formats/onnx.load_runner): all graph optimisations, one thread.
+    """Options as the measurement builds them (onnx/common.load_runner): all graph optimisations, one thread.
     Validate under the same level: an artifact can load unoptimised and fail in the fusions, or the reverse."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
