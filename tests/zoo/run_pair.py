@@ -7,8 +7,11 @@ the outcome's `leftovers` (the machine's own /tmp is shared with other processes
 
 Variants: the engine's methods (`dynamic`, `static`, `weight_only`, ...) through `worker.engine.quantize`
 with CONFIGS below, and onnxruntime.quantization used directly: `ort_dynamic` (quantize_dynamic with its
-defaults), `ort_static` (quantize_static with its defaults) and `ort_best` (onnx.version_converter to
-opset 13 where lower, then quantize_static per-channel: the variant issue 12 measures the engine against).
+defaults), `ort_static` (quantize_static with its defaults) and `ort_best`, the best a user gets from the
+library by hand (ENGINE.md, "Models you did not export yourself"): onnx.version_converter to opset 13 where
+lower, quant_pre_process (which folds Constant-node weights into initializers; symbolic shape inference
+first, skip_symbolic_shape=True when it fails), then quantize_static per-channel. Issue 12 measures the
+engine's static int8 against it.
 """
 
 from __future__ import annotations
@@ -100,6 +103,22 @@ class _Reader:
         return next(self.feeds, None)
 
 
+def _pre_process(source: Path, out: Path, notes: list[str]) -> Path:
+    """quant_pre_process as a user would try it: plain, then without symbolic shape inference."""
+    from onnxruntime.quantization import quant_pre_process
+
+    for options in ({}, {"skip_symbolic_shape": True}):
+        label = "pre_process" + (" skip_symbolic_shape" if options else "")
+        try:
+            quant_pre_process(str(source), str(out), **options)
+        except Exception as exc:  # noqa: BLE001 - which step fails is part of the finding
+            notes.append(f"{label} failed: {type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        notes.append(label)
+        return out
+    return source
+
+
 def _ort(model: ZooModel, variant: str, work: Path) -> dict[str, Any]:
     import onnx
     from onnxruntime.quantization import quantize_dynamic, quantize_static
@@ -118,8 +137,9 @@ def _ort(model: ZooModel, variant: str, work: Path) -> dict[str, Any]:
 
             converted = work / "opset13.onnx"
             onnx.save(version_converter.convert_version(proto, 13), str(converted))
-            notes.append(f"opset {opset} -> 13 (onnx.version_converter)")
+            notes.append(f"opset {opset} -> 13")
             source = converted
+        source = _pre_process(source, work / "preprocessed.onnx", notes)
         quantize_static(source, out, _Reader(model, source), per_channel=True)
     else:
         raise ValueError(f"unknown variant {variant!r}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ REFUSAL_CODES = {"unsupported", "nothing_to_quantize"}
 INVALID_INPUT_CODES = {"invalid_input", "dataset_mismatch", "evaluation_failed", "unsupported_format"}
 COSINE_TOLERANCE = 0.01  # reported vs measured: same data, same runtime; more is a different measurement
 CNN_KINDS = {"cnn", "detector"}
+# A library's exception passed on (`... failed: ValueError: The truth value ...`) is not a reason a user can act on.
+RELAYED_EXCEPTION = re.compile(r"\b[A-Z]\w*(?:Error|Exception): ")
 
 PAIRS = [(name, str(method)) for name, model in MODELS.items() for (fmt, method) in engine.SPECS
          if fmt == model.format]
@@ -123,6 +126,9 @@ def test_pair_ends_in_valid_artifact_or_clear_refusal(name: str, method: str) ->
         assert error["code"] in REFUSAL_CODES or is_config_problem, \
             f"{method} on {name} failed instead of delivering or refusing clearly: {_error_text(outcome)}"
         assert len(error["message"]) >= 20, f"the refusal does not say why: {error['message']!r}"
+        before_relayed = RELAYED_EXCEPTION.split(error["message"])[0].strip()
+        assert not re.search(r"failed( on this model)?:?$", before_relayed), \
+            f"the refusal relays a library exception instead of saying why: {_error_text(outcome)}"
         return
     artifact = _model_artifact(outcome)
     assert artifact is not None and artifact.is_file(), f"no model artifact among {outcome['artifacts']}"
@@ -223,9 +229,10 @@ def test_static_int8_on_cnn_is_faster_or_says_so(model: ZooModel) -> None:
     if not outcome["ok"]:
         pytest.fail(f"no static artifact: {_error_text(outcome)}")
     speedup = outcome["metrics"]["latency"]["speedup"]
-    warnings = " ".join(outcome["metrics"].get("warnings", []))
-    assert speedup >= 1.0 or ("slower" in warnings and "faster" in warnings), \
-        f"speed-up {speedup} and no warning naming a faster alternative: {warnings!r}"
+    warnings = outcome["metrics"].get("warnings", [])
+    # the issue: "says plainly that it is not and names the fastest alternative it measured"
+    named = [w for w in warnings if "slower" in w and any(k in w for k in ("faster", "fastest", "alternative"))]
+    assert speedup >= 1.0 or named, f"speed-up {speedup} and no warning naming a faster alternative: {warnings}"
 
 
 @pytest.mark.parametrize("model", TRANSFORMERS, ids=lambda m: m.name)
