@@ -14,7 +14,7 @@ from worker.engine import evaluate, report
 from worker.engine import metrics as m
 from worker.engine.errors import EngineError
 from worker.engine.onnx import common as onnx_common
-from worker.engine.onnx import deliver, normalize, smoothing
+from worker.engine.onnx import deliver, normalize, smoothing, subgraphs
 from worker.engine.types import ArtifactFile, QuantizeResult
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ def run(ctx: JobContext) -> QuantizeResult:
     model_path = ctx.model_path.resolve()  # absolute: the quantizer runs with cwd in a scratch folder
     output = ctx.work_dir.resolve() / f"{ctx.model_name}.int8.onnx"
     original_bytes = model_path.stat().st_size
-    warnings: list[str] = []
+    warnings: list[str] = subgraphs.check(original, "dynamic")  # weights under If/Loop stay float
 
     with onnx_common.scratch_dir(ctx.work_dir.resolve()) as scratch:
         # Constant-node weights become initializers (else the quantizer raises or skips them and the file

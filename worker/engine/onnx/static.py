@@ -15,7 +15,7 @@ from worker.engine import metrics as m
 from worker.engine.errors import EngineError
 from worker.engine.onnx import calibration as onnx_calibration
 from worker.engine.onnx import common as onnx_common
-from worker.engine.onnx import deliver, normalize, speed, static_layers
+from worker.engine.onnx import deliver, normalize, speed, static_layers, subgraphs
 from worker.engine.types import ArtifactFile, QuantizeResult
 
 if TYPE_CHECKING:
@@ -177,7 +177,7 @@ def run(ctx: JobContext) -> QuantizeResult:
     host = report.host_info()
     # Without VNNI, 8-bit per-channel int8 convolutions saturate (ENGINE.md): 7-bit weights avoid it.
     reduce_range = host.get("vnni") is False
-    warnings: list[str] = []
+    warnings: list[str] = subgraphs.check(original, "static")  # weights under If/Loop stay float
     summary: dict[str, Any] = {"reduce_range_reason": "no VNNI on this CPU" if reduce_range else None}
 
     per_channel = config.granularity == "per_channel"
