@@ -28,6 +28,7 @@ from app.services.common import tenant_get, tenant_select
 from worker import task_names
 from worker.engine.config import MethodConfig
 from worker.engine.errors import UnsupportedMethodError
+from worker.engine.formats.layout import sample_shape_problem
 from worker.engine.registry import MethodSpec, resolve
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -196,9 +197,8 @@ def dataset_mismatch(model: Model, dataset: Dataset) -> str | None:
     for spec, (array_name, array) in pairs:
         if spec["dtype"] in ("unknown", "") or not spec["shape"]:
             continue  # the format carries no signature (TorchScript): the engine checks at run time
-        want, got = list(spec["shape"][1:]), list(array["shape"][1:])
-        shape_ok = len(want) == len(got) and all(
-            not isinstance(w, int) or w == g for w, g in zip(want, got, strict=True))
+        # the array's first axis is the batch axis, or it stacks whole samples (one dimension more)
+        shape_ok = sample_shape_problem(spec["shape"], array["shape"]) is None
         if spec["dtype"] != array["dtype"] or not shape_ok:
             fmt = ", ".join(str(d) if isinstance(d, int) else "?" for d in spec["shape"])
             return (f"input {spec['name']!r} expects {spec['dtype']}[{fmt}]; dataset array {array_name!r} is "

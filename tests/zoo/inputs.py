@@ -5,10 +5,10 @@ PIL's own font; magika reads files of this machine; speech comes from espeak-ng 
 where it is not installed); sentences come from tests.models. Each function follows its package's own
 preprocessing, named in its docstring.
 
-Sample layout, which the engine's datasets take: sample i of an array is a[i:i+1] (the first axis is
-the model's batch axis), except where the model input has no batch axis first (a scalar `sr`, silero's
-state [2, batch, 128]): those arrays stack samples on a new first axis and sample i is a[i]
-(measure.sample_feeds reads both back).
+Sample layout: the engine's rule (worker/engine/formats/layout.py, README "Datasets"). Sample i of an array
+with the input's rank is a[i:i+1] (the first axis is the model's batch axis); where the input has no batch
+axis first (a 0-d `sr`, silero's state [2, batch, 128]) the array has one dimension more, stacks samples on
+a new first axis, and sample i is a[i] (measure.sample_feeds reads both back the same way).
 """
 
 from __future__ import annotations

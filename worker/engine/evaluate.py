@@ -14,6 +14,7 @@ import numpy as np
 
 from worker.engine import metrics as m
 from worker.engine.errors import EngineError
+from worker.engine.formats import layout
 from worker.engine.types import TensorSpec
 
 if TYPE_CHECKING:
@@ -29,7 +30,8 @@ LATENCY_BUDGET_S = 20.0  # big models get fewer timed runs rather than a job tha
 
 @dataclass
 class Samples:
-    batches: list[dict[str, np.ndarray]]  # each a batch-1 input dict (name -> array with leading dim 1)
+    # one input dict per sample: a batch of one, or the sample as the dataset stacked it (formats/layout.py)
+    batches: list[dict[str, np.ndarray]]
     labels: np.ndarray | None
     source: str  # "evaluation" | "calibration" | "synthetic"
     warnings: list[str] = field(default_factory=list)
@@ -39,17 +41,22 @@ def _describe(dtype: str, shape: Sequence[Any]) -> str:
     return f"{dtype}[{', '.join('?' if isinstance(d, str) else str(d) for d in shape)}]"
 
 
+def _input_shape(spec: TensorSpec, array: np.ndarray) -> list[Any] | None:
+    """The input's shape for the layout rule; None where its rank is unknown. ONNX records a scalar and an
+    input of unknown shape alike as []: a 1-D array then reads as stacked scalars, anything else as before."""
+    return spec.shape if spec.shape or array.ndim == 1 else None
+
+
 def _check_array(spec: TensorSpec, key: str, array: np.ndarray) -> np.ndarray:
     """The dataset array cast to the input's dtype, or an EngineError saying what does not match."""
-    mismatch = EngineError(
-        f"input {spec.name!r} expects {_describe(spec.dtype, spec.shape)}; dataset array {key!r} is "
-        f"{_describe(array.dtype.name, array.shape)}", code="dataset_mismatch")
     expected = np.dtype(spec.dtype) if spec.dtype in np.sctypeDict else None
+    mismatch = f"input {spec.name!r} expects {_describe(spec.dtype, spec.shape)}; dataset array {key!r} is " \
+               f"{_describe(array.dtype.name, array.shape)}"
     if expected is None or array.ndim == 0 or array.dtype.kind != expected.kind:
-        raise mismatch  # float data into an int input (or the reverse) is a user error, not a cast
-    if spec.shape and (array.ndim != len(spec.shape) or any(
-            isinstance(d, int) and d != a for d, a in zip(spec.shape[1:], array.shape[1:], strict=True))):
-        raise mismatch
+        raise EngineError(mismatch, code="dataset_mismatch")  # float data into an int input: not a cast
+    problem = layout.sample_shape_problem(_input_shape(spec, array), array.shape)
+    if problem:
+        raise EngineError(f"{mismatch}: {problem}", code="dataset_mismatch")
     return array.astype(expected, copy=False)  # float64 -> float32 and the like: same kind, safe
 
 
@@ -81,7 +88,10 @@ def load_npz(path: Path, inputs: list[TensorSpec], max_samples: int, source: str
         raise EngineError(f"the {source} dataset's arrays (and labels) must hold the same, non-zero "
                           f"number of samples; found {sorted(counts)}", code="dataset_mismatch")
     n = min(counts.pop(), max_samples)
-    batches = [{name: np.ascontiguousarray(a[i : i + 1]) for name, a in checked.items()} for i in range(n)]
+    stacked = {spec.name: layout.stacks_samples(_input_shape(spec, array), array.shape) for spec, _, array in pairs}
+    # np.array copies a stacked sample whole, 0-d included (ascontiguousarray would make a scalar 1-D)
+    batches = [{name: np.array(a[i]) if stacked[name] else np.ascontiguousarray(a[i : i + 1])
+                for name, a in checked.items()} for i in range(n)]
     if labels is not None:
         labels = labels[:n]
     return Samples(batches=batches, labels=labels, source=source)

@@ -74,7 +74,9 @@ def batched(samples: list[dict[str, np.ndarray]], specs: list[TensorSpec], size:
         size = 1  # a fixed batch dimension: feed samples as they come
     for start in range(0, len(samples), size):
         chunk = samples[start : start + size]
-        yield tuple(torch.from_numpy(np.concatenate([c[s.name] for c in chunk])) for s in specs)
+        # one sample as it is: a stacked one (a 0-d scalar, a state with its batch axis inside) has no axis to join on
+        yield tuple(torch.from_numpy(np.array(chunk[0][s.name]) if len(chunk) == 1
+                                     else np.concatenate([c[s.name] for c in chunk])) for s in specs)
 
 
 def drop_unused(gm: fx.GraphModule) -> int:

@@ -47,9 +47,29 @@ def _schema(module: torch.jit.ScriptModule):  # noqa: ANN202 - torch._C.Function
         raise EngineError("the TorchScript module has no forward() method") from None
 
 
+# TorchScript's scalar argument types: the dtype a dataset gives them in, and the Python type they are passed as.
+_SCALARS: dict[str, tuple[str, type]] = {"int": ("int64", int), "float": ("float64", float), "bool": ("bool", bool)}
+
+
 def input_specs(module: torch.jit.ScriptModule) -> list[TensorSpec]:
+    """Tensor arguments with dtype "unknown" (resolve_input_specs takes it from the dataset); `int`, `float`
+    and `bool` arguments as 0-d inputs, which a dataset gives as N values, sample i being a[i]."""
     args = [a for a in _schema(module).arguments if a.name != "self"]
-    return [TensorSpec(a.name, "unknown", []) for a in args]
+    return [TensorSpec(a.name, _SCALARS[str(a.type)][0], []) if str(a.type) in _SCALARS
+            else TensorSpec(a.name, "unknown", []) for a in args]
+
+
+def _scalar_types(module: torch.jit.ScriptModule) -> dict[str, type]:
+    return {a.name: _SCALARS[str(a.type)][1] for a in _schema(module).arguments if str(a.type) in _SCALARS}
+
+
+def arguments(module: torch.jit.ScriptModule, names: list[str], batch: dict[str, np.ndarray]) -> list:
+    """forward()'s arguments for one sample: tensors from the arrays, Python scalars where the schema asks."""
+    import torch
+
+    scalars = _scalar_types(module)
+    return [scalars[n](np.asarray(batch[n]).reshape(-1)[0].item()) if n in scalars
+            else torch.from_numpy(np.ascontiguousarray(batch[n])) for n in names]
 
 
 def output_specs(module: torch.jit.ScriptModule) -> list[TensorSpec]:
@@ -73,8 +93,22 @@ def inspect(path: Path) -> ModelInfo:
                      num_parameters=int(params), architecture=getattr(module, "original_name", None))
 
 
-# Any callable torch module runs the same way: TorchScript, an exported program's module, an AOTI package.
-runner_for_module = pt2_common.runner_for_module
+def runner_for_module(module: torch.jit.ScriptModule, input_names: list[str], threads: int | None = 1) -> Runner:
+    """pt2_common.runner_for_module, with `int`/`float`/`bool` arguments passed as Python scalars."""
+    if not _scalar_types(module):
+        return pt2_common.runner_for_module(module, input_names, threads)
+    import torch
+    from torch.utils import _pytree as pytree
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    def run(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with torch.no_grad():
+            result = module(*arguments(module, input_names, batch))
+        return [leaf.detach().numpy() for leaf in pytree.tree_leaves(result) if isinstance(leaf, torch.Tensor)]
+
+    return run
 
 
 def load_runner(path: Path, threads: int | None = 1) -> Runner:

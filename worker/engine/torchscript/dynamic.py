@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from worker.engine import evaluate
 from worker.engine.errors import EngineError
 from worker.engine.torchscript import common as ts_common
+from worker.engine.torchscript import refusal
 from worker.engine.torchscript.deliver import deliver
 from worker.engine.types import QuantizeResult
 
@@ -75,7 +76,10 @@ def run(ctx: JobContext) -> QuantizeResult:
                      "symmetrically")
 
     ctx.progress("quantizing", 0.10)
-    quantized = _quantize(original, _qconfig_dict(config, excluded))
+    try:
+        quantized = _quantize(original, _qconfig_dict(config, excluded))
+    except Exception as exc:  # the JIT passes raise RuntimeError and friends on graphs they cannot match
+        raise refusal.jit_refusal(exc, original, "dynamic") from exc
     n_int8 = _count_ops(quantized, "quantized::linear_dynamic")
     if n_int8 == 0:
         raise EngineError("dynamic quantization of TorchScript found no Linear layer to quantize (the legacy "

@@ -25,6 +25,7 @@ from worker.engine.errors import EngineError
 from worker.engine.torch_export.graph import batched
 from worker.engine.torch_export.x86_recipe import ALGORITHMS, CALIBRATION_BATCH, calibration_samples
 from worker.engine.torchscript import common as ts_common
+from worker.engine.torchscript import refusal
 from worker.engine.torchscript.deliver import deliver
 from worker.engine.types import QuantizeResult
 
@@ -102,7 +103,10 @@ def run(ctx: JobContext) -> QuantizeResult:
         notes.append("asymmetric weights are not offered by fbgemm; weights were quantized symmetrically")
 
     ctx.progress("calibrating", 0.05)
-    batches = list(batched(calibration, inputs, CALIBRATION_BATCH))
+    names = [s.name for s in inputs]
+    scalars = any(s.dtype != "unknown" and not s.shape for s in inputs)  # int/float/bool args go one by one
+    batches = ([tuple(ts_common.arguments(original, names, b)) for b in calibration] if scalars
+               else list(batched(calibration, inputs, CALIBRATION_BATCH)))
 
     def calibrate(model: torch.jit.ScriptModule, data: list[tuple]) -> None:
         with torch.no_grad():
@@ -120,8 +124,7 @@ def run(ctx: JobContext) -> QuantizeResult:
     except EngineError:
         raise
     except Exception as exc:  # the JIT passes raise RuntimeError and friends on graphs they cannot match
-        raise EngineError(f"TorchScript static quantization failed: {type(exc).__name__}: {str(exc)[:500]}",
-                          code="unsupported") from exc
+        raise refusal.jit_refusal(exc, original, "static") from exc
     ctx.progress("quantizing", 0.50)
     n_int8 = _quantized_ops(quantized)
     if n_int8 == 0:
