@@ -34,6 +34,8 @@ USER quantserve
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=3)"]
+# --workers: one API process per CPU the container may use, unless QUANTSERVE_API_WORKERS (or --workers) says
+# otherwise; each process holds up to 21 database connections (app/db.py, README "Polling under load").
 CMD ["quantserve", "api", "--host", "0.0.0.0", "--port", "8000"]
 
 

@@ -57,13 +57,38 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+# uvicorn, as both `api` and `serve` run it. Its text access log is off: QUANTSERVE_ACCESS_LOG=json writes a
+# structured one (app/access_log.py). A stop waits at most this long for requests still running (a long poll
+# lasts up to 60 s); clients of a cut poll simply poll again.
+UVICORN_OPTIONS = {"log_level": "info", "access_log": False, "timeout_graceful_shutdown": 5}
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from app.main import create_app
-
     settings = _settings(args)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    workers = args.workers or settings.api_workers or cpu_count()
+    # Each process has its own pools (app/db.py): say what the database must allow.
+    from app.db import SYNC_POOL_CAPACITY
+
+    per_process = settings.db_pool_size + SYNC_POOL_CAPACITY + 1
+    print(f"quantserve api: {workers} process(es), up to {workers * per_process} database connections "
+          f"({per_process} each)", file=sys.stderr, flush=True)
+    if workers == 1:
+        from app.main import create_app
+
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, **UVICORN_OPTIONS)
+    else:  # each worker process builds its own app (and its own pools) from the same environment
+        uvicorn.run("app.main:create_app", factory=True, workers=workers, host=args.host, port=args.port,
+                    **UVICORN_OPTIONS)
     return 0
 
 
@@ -123,7 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                "--hostname", "embedded@%h"], env=os.environ.copy(),
                               preexec_fn=lambda: die_with_parent(signal.SIGTERM))
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, **UVICORN_OPTIONS)
     finally:  # reached when uvicorn returns normally (e.g. it could not bind the port)
         worker.terminate()
         try:
@@ -150,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     api = with_data_dir(sub.add_parser("api", help="run the HTTP API"))
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--workers", type=int, default=0,
+                     help="API processes (default: $QUANTSERVE_API_WORKERS, else one per CPU)")
     api.set_defaults(func=cmd_api)
 
     worker = with_data_dir(sub.add_parser("worker", help="run a Celery worker"))

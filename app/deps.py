@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from app.services import keys
 from app.settings import Settings
 from app.storage import LocalStorage
 
@@ -22,7 +21,13 @@ def get_storage(request: Request) -> LocalStorage:
     return request.app.state.storage
 
 
-def get_session(request: Request) -> Iterator[Session]:
+async def admit(request: Request) -> AsyncIterator[None]:
+    """A place among the sync requests allowed to hold a connection (app/admission.py), waited for in the loop."""
+    async with request.app.state.admission.slot():
+        yield
+
+
+def get_session(request: Request, _admitted: Annotated[None, Depends(admit, scope="function")]) -> Iterator[Session]:
     """One transaction per request: committed after the handler, rolled back on error."""
     with request.app.state.session_factory() as session, session.begin():
         yield session
@@ -34,8 +39,9 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 StorageDep = Annotated[LocalStorage, Depends(get_storage)]
 
 
-def get_tenant(request: Request, session: SessionDep) -> uuid.UUID:
-    tenant_id = keys.authenticate(session, request.headers.get("authorization"))
+async def get_tenant(request: Request) -> uuid.UUID:
+    """The key's tenant, from the async engine and a short cache (app/auth.py): authenticating holds no thread."""
+    tenant_id = await request.app.state.key_cache.tenant_of(request.headers.get("authorization"))
     request.state.tenant_id = tenant_id
     return tenant_id
 

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("quantserve.api")
@@ -131,10 +132,26 @@ def _render_http(request: Request, exc: Exception) -> JSONResponse:
                    detail=str(exc.detail), headers=getattr(exc, "headers", None))
 
 
+def _record_incident(request: Request, cause: str) -> None:
+    incidents = getattr(request.app.state, "incidents", None)
+    if incidents is None:  # an app without its lifespan (a unit test): log each one
+        log.warning("database %s", cause)
+    else:
+        incidents.record(cause)
+
+
 def _render_database(request: Request, exc: Exception) -> JSONResponse:
-    log.warning("database unavailable: %s", exc.__class__.__name__)
+    _record_incident(request, f"unavailable ({exc.__class__.__name__})")
     return problem(request, status=503, code="unavailable", title=UnavailableError.title, slug=UnavailableError.slug,
                    detail="the database is unreachable; retry shortly", headers={"Retry-After": "5"})
+
+
+def _render_pool_timeout(request: Request, exc: Exception) -> JSONResponse:
+    # Every connection stayed busy for the whole pool timeout: the database is slow or the API overloaded, and
+    # the client should come back shortly. Retry-After 1 matches app/admission.py's SATURATED_RETRY_AFTER_S.
+    _record_incident(request, "saturated")
+    return problem(request, status=503, code="unavailable", title=UnavailableError.title, slug=UnavailableError.slug,
+                   detail="the database is saturated; retry shortly", headers={"Retry-After": "1"})
 
 
 def _render_unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -150,6 +167,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _render_validation)
     app.add_exception_handler(StarletteHTTPException, _render_http)
     app.add_exception_handler(OperationalError, _render_database)
+    app.add_exception_handler(PoolTimeoutError, _render_pool_timeout)
     app.add_exception_handler(DBAPIError, _render_database_or_bug)
     app.add_exception_handler(Exception, _render_unexpected)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -11,8 +12,12 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__, errors
+from app.access_log import AccessLog
+from app.admission import Admission, Incidents
+from app.auth import KeyCache
 from app.broker import OutboxRelay, Publisher
-from app.db import make_engine, make_session_factory
+from app.db import SYNC_POOL_CAPACITY, make_async_engine, make_engine, make_session_factory
+from app.job_events import JobEvents
 from app.routes import jobs, system, uploads
 from app.settings import Settings
 from app.storage import LocalStorage
@@ -20,20 +25,23 @@ from worker.celery_app import create_celery
 
 
 class BodyLimitAndCounters:
-    """Pure ASGI: request ids, request counters, and a size cap on JSON bodies counted while streaming.
+    """Pure ASGI: request ids (X-Request-ID), request counters, the optional access log, and a size cap on JSON
+    bodies counted while streaming.
 
     Upload routes are exempt here: they enforce QUANTSERVE_MAX_UPLOAD_BYTES themselves, mid-stream.
     """
 
-    def __init__(self, app: ASGIApp, max_json_bytes: int, counts: Counter) -> None:
-        self.app, self.max_json_bytes, self.counts = app, max_json_bytes, counts
+    def __init__(self, app: ASGIApp, max_json_bytes: int, counts: Counter, access_log: AccessLog | None) -> None:
+        self.app, self.max_json_bytes, self.counts, self.access_log = app, max_json_bytes, counts, access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, method = scope["path"], scope["method"]
         is_upload = path.endswith("/upload") or (method == "POST" and path in ("/v1/models", "/v1/datasets"))
-        scope.setdefault("state", {})["request_id"] = uuid.uuid4().hex
+        request_state = scope.setdefault("state", {})
+        request_state["request_id"] = request_id = uuid.uuid4().hex
+        started = time.perf_counter()
         state = {"status": 500, "seen": 0, "too_large": False, "replaced": False}
         declared = dict(scope.get("headers", [])).get(b"content-length", b"")
         if not is_upload and declared.isdigit() and int(declared) > self.max_json_bytes:
@@ -59,12 +67,15 @@ class BodyLimitAndCounters:
                 return
             if message["type"] == "http.response.start":
                 state["status"] = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
             await self.app(scope, limited_receive, guarded_send)
         finally:
             self.counts[(method, state["status"])] += 1
+            if self.access_log is not None:
+                self.access_log.write(method, path, state["status"], time.perf_counter() - started, request_state)
 
 
 async def _send_413(send: Send, limit: int, path: str) -> None:
@@ -88,17 +99,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = make_engine(settings.effective_database_url)
+        engine = make_engine(settings.effective_database_url, pool_timeout_s=settings.db_pool_timeout_s)
         factory = make_session_factory(engine)
+        read_engine = make_async_engine(settings.effective_database_url, pool_size=settings.db_pool_size,
+                                        pool_timeout_s=settings.db_pool_timeout_s,
+                                        statement_timeout_s=settings.db_statement_timeout_s)
         publisher = Publisher(create_celery(settings))
         OutboxRelay(factory, publisher).install()
+        incidents = Incidents()
         app.state.settings = settings
         app.state.db_engine = engine
         app.state.session_factory = factory
+        app.state.read_engine = read_engine
+        app.state.key_cache = KeyCache(read_engine, settings.key_cache_ttl_s)
+        app.state.incidents = incidents
+        app.state.admission = Admission(SYNC_POOL_CAPACITY, settings.db_pool_timeout_s, incidents)
+        app.state.job_events = job_events = JobEvents(settings.effective_database_url)
         app.state.storage = LocalStorage(settings.storage_dir)
         app.state.publisher = publisher
-        yield
-        engine.dispose()
+        job_events.start()
+        try:
+            yield
+        finally:
+            await job_events.stop()
+            incidents.close()
+            await read_engine.dispose()
+            engine.dispose()
 
     app = FastAPI(title="quantserve", version=__version__, lifespan=lifespan,
                   description="Upload a model, submit a quantization job, download a smaller, faster model.")
@@ -107,5 +133,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     app.add_middleware(BodyLimitAndCounters, max_json_bytes=settings.max_json_bytes,
-                       counts=app.state.request_counts)
+                       counts=app.state.request_counts,
+                       access_log=AccessLog() if settings.access_log == "json" else None)
     return app

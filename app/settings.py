@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,6 +31,18 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(2.0, description="How often a worker re-publishes and reaps.")
     redispatch_after_s: float = Field(300.0, description="A job queued this long is published again.")
     worker_concurrency: int = Field(2, description="Tasks one worker process runs at once.")
+    # The API's request path under load (app/db.py explains how these three numbers fit together).
+    api_workers: int = Field(0, description="API processes `quantserve api` starts; 0 = one per CPU.")
+    db_pool_size: int = Field(10, ge=1, description="Connections each API process keeps for its polled reads "
+                                                    "(job status, key lookups).")
+    db_pool_timeout_s: float = Field(5.0, gt=0, description="How long a request waits for a database connection "
+                                                            "before it answers 503 with Retry-After.")
+    db_statement_timeout_s: float = Field(10.0, ge=0, description="PostgreSQL statement_timeout of the API's "
+                                                                  "polled reads; 0 = none.")
+    key_cache_ttl_s: float = Field(5.0, ge=0, description="How long an API process trusts a key it has looked up; "
+                                                          "a revoked key stops working within this time.")
+    access_log: Literal["off", "json"] = Field("off", description="One JSON line per request (tenant_id, "
+                                                                  "request_id, status, duration) on stderr.")
 
     @property
     def engine_file_limit_bytes(self) -> int:

@@ -14,32 +14,19 @@ from app.errors import ConflictError, NotFoundError
 from app.models import Artifact, Job
 from app.routes.downloads import file_response
 from app.schemas import ArtifactPublic, JobCreate, JobPublic, LogLine, Page
-from app.services import jobs
+from app.services import job_reads, jobs
 from app.services.common import paginate, tenant_get, tenant_select
+from app.services.job_reads import artifact_public, job_public
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"description": d, "content": {"application/problem+json": {}}}
-    for code, d in ((400, "Malformed"), (401, "No key"), (404, "Not found"), (409, "Conflict"), (422, "Invalid"))
+    for code, d in ((400, "Malformed"), (401, "No key"), (404, "Not found"), (409, "Conflict"), (422, "Invalid"),
+                    (503, "Database unreachable or saturated; with Retry-After"))
 }
+WAIT_DOC = ("Long poll: answer as soon as the job's status, stage or progress (or anything else shown) differs from "
+            "the ETag in If-None-Match, or from the job as it was when asked, or after this many seconds (at most 60)."
+            " A poll that ends with nothing changed answers 304 when If-None-Match was sent, else 200.")
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=ERRORS)
-
-
-def artifact_public(a: Artifact) -> dict[str, Any]:
-    return {"id": a.id, "job_id": a.job_id, "kind": a.kind, "filename": a.filename, "format": a.format,
-            "size_bytes": a.size_bytes, "sha256": a.sha256, "created_at": a.created_at,
-            "download_url": f"/v1/artifacts/{a.id}/download"}
-
-
-def job_public(job: Job, artifacts: list[Artifact]) -> dict[str, Any]:
-    return {
-        "id": job.id, "model_id": job.model_id, "method": job.method, "device": job.device, "config": job.config,
-        "calibration_dataset_id": job.calibration_dataset_id, "training_dataset_id": job.training_dataset_id,
-        "evaluation_dataset_id": job.evaluation_dataset_id, "name": job.name, "labels": job.labels,
-        "status": job.status, "stage": job.stage if job.status == "running" else None,
-        "progress": job.progress, "attempts": job.attempt, "error": job.error, "metrics": job.metrics,
-        "artifacts": [artifact_public(a) for a in artifacts], "created_at": job.created_at,
-        "started_at": job.started_at, "finished_at": job.finished_at, "duration_s": job.duration_s,
-    }
 
 
 @router.post("/jobs", status_code=202, response_model=JobPublic,
@@ -68,10 +55,26 @@ def list_jobs(session: SessionDep, tenant_id: TenantDep, status: str | None = No
     return {"items": [job_public(j, arts[j.id]) for j in items], "next_cursor": next_cursor}
 
 
-@router.get("/jobs/{job_id}", response_model=JobPublic)
-def get_job(job_id: uuid.UUID, session: SessionDep, tenant_id: TenantDep) -> Any:
-    job = tenant_get(session, Job, tenant_id, job_id, what="job")
-    return job_public(job, jobs.artifacts_of(session, [job.id])[job.id])
+@router.get("/jobs/{job_id}", response_model=JobPublic,
+            responses={200: {"headers": {"ETag": {"description": "Changes whenever the answer does",
+                                                  "schema": {"type": "string"}}}},
+                       304: {"description": "Not modified: If-None-Match holds the current ETag"}})
+async def get_job(job_id: uuid.UUID, request: Request, tenant_id: TenantDep,
+                  wait: Annotated[int, Query(ge=0, le=60, description=WAIT_DOC)] = 0,
+                  if_none_match: Annotated[str | None, Header(max_length=1024)] = None) -> Response:
+    """The job, from one indexed read on the async engine: pipelines poll this, so it holds no thread."""
+    state = request.app.state
+    if wait:
+        known = None if not if_none_match or if_none_match.strip() == "*" else if_none_match.split(",")[0].strip()
+        view = await job_reads.wait_for_change(state.read_engine, state.job_events, tenant_id, job_id,
+                                               known_etag=known.removeprefix("W/") if known else None, wait_s=wait)
+    else:
+        view = await job_reads.read(state.read_engine, tenant_id, job_id)
+    if view is None:
+        raise NotFoundError(f"no job with id {job_id}")
+    if job_reads.etag_matches(if_none_match, view.etag):
+        return Response(status_code=304, headers={"ETag": view.etag})
+    return Response(view.body, media_type="application/json", headers={"ETag": view.etag})
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobPublic)

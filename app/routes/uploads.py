@@ -11,7 +11,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
+from app.db import transaction
 from app.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from app.models import Dataset, Model
 from app.names import MAX_NAME_CHARS, Name, check_name
@@ -25,7 +27,8 @@ from app.upload_stream import check_declared_length, receive_multipart, receive_
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"description": d, "content": {"application/problem+json": {}}}
     for code, d in ((400, "Malformed"), (401, "No key"), (404, "Not found"), (409, "In use"),
-                    (413, "Too large"), (415, "Unsupported format"), (422, "Invalid"))
+                    (413, "Too large"), (415, "Unsupported format"), (422, "Invalid"),
+                    (503, "Database unreachable or saturated; with Retry-After"))
 }
 Limit = Annotated[int, Query(ge=1, le=200)]
 DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -47,8 +50,10 @@ def build_router(noun: str, row_type: type[Model] | type[Dataset], public: type,
                  create: Callable[..., Any]) -> APIRouter:
     router = APIRouter(prefix=f"/v1/{noun}s", tags=[f"{noun}s"], responses=ERRORS)
 
-    async def receive_and_create(request: Request, response: Response, session, tenant_id, settings, storage, *,
+    async def receive_and_create(request: Request, response: Response, tenant_id, settings, storage, *,
                                  raw: bool, name: str | None = None, declared: str | None = None) -> Any:
+        """Stream the body to disk holding no thread and no connection (a 1 GiB upload takes seconds), then
+        detect the format and insert the row in one short transaction, in the threadpool."""
         check_declared_length(request, settings.max_upload_bytes)
         with pending_upload(storage, settings.max_upload_bytes) as pending:
             if raw:
@@ -58,23 +63,30 @@ def build_router(noun: str, row_type: type[Model] | type[Dataset], public: type,
                 fields, filename = await receive_multipart(request, pending)
                 name, declared = check_name(fields.get("name"), ("body", "name")), fields.get(override)
             pending.close()  # flush: format detection reads the file from disk
-            row = create(session, storage, tenant_id, pending, name=name, filename=filename, declared=declared)
+
+            def detect_and_insert() -> Any:
+                with transaction(request.app.state.session_factory) as session:
+                    return create(session, storage, tenant_id, pending, name=name, filename=filename,
+                                  declared=declared)
+
+            async with request.app.state.admission.slot():
+                row = await run_in_threadpool(detect_and_insert)
         response.headers["Location"] = f"/v1/{noun}s/{row.id}"
         return row
 
     @router.post("", status_code=201, response_model=public, summary=f"Upload a {noun} (multipart)",
                  openapi_extra=_body_doc("multipart/form-data", override), name=f"upload_{noun}_multipart")
-    async def upload_multipart(request: Request, response: Response, session: SessionDep, tenant_id: TenantDep,
+    async def upload_multipart(request: Request, response: Response, tenant_id: TenantDep,
                                settings: SettingsDep, storage: StorageDep) -> Any:
-        return await receive_and_create(request, response, session, tenant_id, settings, storage, raw=False)
+        return await receive_and_create(request, response, tenant_id, settings, storage, raw=False)
 
     @router.put("/upload", status_code=201, response_model=public, summary=f"Upload a {noun} (raw body)",
                 openapi_extra=_body_doc("application/octet-stream", override), name=f"upload_{noun}_raw")
-    async def upload_raw(request: Request, response: Response, session: SessionDep, tenant_id: TenantDep,
+    async def upload_raw(request: Request, response: Response, tenant_id: TenantDep,
                          settings: SettingsDep, storage: StorageDep,
                          name: Annotated[Name | None, Query(json_schema_extra={"maxLength": MAX_NAME_CHARS})] = None,
                          declared: Annotated[str | None, Query(alias=override, max_length=32)] = None) -> Any:
-        return await receive_and_create(request, response, session, tenant_id, settings, storage, raw=True,
+        return await receive_and_create(request, response, tenant_id, settings, storage, raw=True,
                                         name=name, declared=declared)
 
     @router.get("", response_model=Page[public], name=f"list_{noun}s")

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.errors import NotFoundError, UnauthorizedError
+from app.errors import NotFoundError
 from app.models import ApiKey, Tenant, utcnow
 
 KEY_PREFIX = "qs_"
@@ -61,17 +60,3 @@ def revoke(session: Session, prefix: str) -> int:
 
 def any_key_exists(session: Session) -> bool:
     return session.scalar(select(ApiKey.id).limit(1)) is not None
-
-
-def authenticate(session: Session, authorization: str | None) -> uuid.UUID:
-    if not authorization:
-        raise UnauthorizedError("send 'Authorization: Bearer <key>'")
-    scheme, _, key = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        raise UnauthorizedError("the Authorization header must be 'Bearer <key>'")
-    tenant_id = session.scalar(
-        select(ApiKey.tenant_id).where(ApiKey.key_hash == hash_key(key.strip()), ApiKey.revoked_at.is_(None))
-    )
-    if tenant_id is None:
-        raise UnauthorizedError("unknown or revoked API key")
-    return tenant_id

@@ -103,10 +103,13 @@ def choose_algorithm(ctx: JobContext, model_path: Path, op_types: list[str], bat
         try:
             ranges, method, _ = calibrate(job, model_path, op_types, fit, scratch)
             scores[algorithm] = round(score(ranges, method, held), 6)
-        except EngineError as exc:
-            ctx.log("warning", f"calibration candidate {algorithm} failed: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a candidate that fails is no candidate; the others may hold
+            ctx.log("warning", f"calibration candidate {algorithm} failed: {type(exc).__name__}: {exc}")
     if not scores:
-        raise EngineError("no calibration algorithm could calibrate this model", code="unsupported")
+        # every trial failed: calibrate with the first and let the real quantization say why, in its words
+        ctx.log("warning", f"no calibration candidate could be scored; using {AUTO_CANDIDATES[0]}")
+        return AUTO_CANDIDATES[0], {"chosen": AUTO_CANDIDATES[0], "held_out_cosine": {}, "fit_samples": len(fit),
+                                    "held_out_samples": len(held), "held_out_is_fit": held is fit}
     best = max(AUTO_CANDIDATES, key=lambda a: scores.get(a, float("-inf")))
     ctx.log("info", f"calibration: {best} chosen on {len(held)} held-out samples ({scores})")
     return best, {"chosen": best, "held_out_cosine": scores, "fit_samples": len(fit), "held_out_samples": len(held),

@@ -15,7 +15,7 @@ from worker.engine import metrics as m
 from worker.engine.errors import EngineError
 from worker.engine.onnx import calibration as onnx_calibration
 from worker.engine.onnx import common as onnx_common
-from worker.engine.onnx import deliver, normalize, speed, static_layers, subgraphs
+from worker.engine.onnx import deliver, normalize, rewrite, speed, static_layers, subgraphs
 from worker.engine.types import ArtifactFile, QuantizeResult
 
 if TYPE_CHECKING:
@@ -25,8 +25,10 @@ if TYPE_CHECKING:
     from worker.engine.context import JobContext
 
 # Ops whose presence marks a transformer: static with every op type quantized destroys those (MiniLM
-# cosine 0.41, ENGINE.md) because Softmax/Add/LayerNorm outputs lose too much at 8 bits.
-TRANSFORMER_OPS = frozenset({"Softmax", "LayerNormalization", "SkipLayerNormalization", "Attention",
+# cosine 0.41, ENGINE.md) because Softmax/Add/LayerNorm outputs lose too much at 8 bits. A Softmax alone
+# is no sign (a CNN classifier's or a YOLO head's last op): it counts beside an activation-by-activation
+# MatMul, the attention score.
+TRANSFORMER_OPS = frozenset({"LayerNormalization", "SkipLayerNormalization", "Attention",
                              "MultiHeadAttention", "GroupQueryAttention", "EmbedLayerNormalization",
                              "SimplifiedLayerNormalization"})
 # Gather is kept: an int8 embedding table costs one per-tensor rounding and is most of a small encoder.
@@ -42,7 +44,7 @@ def _op_types(model: onnx.ModelProto) -> tuple[list[str], bool]:
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
     ops = {n.op_type for n in model.graph.node}
-    if ops & TRANSFORMER_OPS:
+    if ops & TRANSFORMER_OPS or ("Softmax" in ops and _activation_matmuls(model)):
         return [*TRANSFORMER_OP_TYPES, *(["Conv"] if "Conv" in ops else [])], True
     # what quantize_static uses when given none; the calibrator needs the same list to see the same tensors
     return sorted(set(QLinearOpsRegistry) | set(QDQRegistry)), False
@@ -58,11 +60,12 @@ def _activation_matmuls(model: onnx.ModelProto) -> set[str]:
 
 
 def _named(prepared: Path, scratch: Path) -> tuple[onnx.ModelProto, Path]:
-    """The prepared model with every node named: exclusion and the layer table work by node name."""
+    """The prepared model with every node named (exclusion and the layer table work by node name) and its
+    Gemm biases flat (rewrite.flatten_gemm_biases)."""
     import onnx
 
     model = onnx.load(str(prepared))
-    if all(node.name for node in model.graph.node):
+    if all(node.name for node in model.graph.node) and not rewrite.flatten_gemm_biases(model):
         return model, prepared
     for i, node in enumerate(model.graph.node):
         node.name = node.name or f"{node.op_type}_{i}"
@@ -272,8 +275,6 @@ def run(ctx: JobContext) -> QuantizeResult:
                             f"for them ({', '.join(sorted(set(first.float_islands.values())))}): their Q/DQ "
                             f"pairs only added work ({chosen.speedup:.2f}x float instead of "
                             f"{timed[0].speedup:.2f}x)")
-        note = speed.slower_than_float_warning(chosen, timed, float_ms)
-        warnings += [note] if note else []
         summary["kernels"] = {"as_quantized": first.summary(), "candidates": [
             {"label": t.label, "ms_p50": t.ms, "speedup": t.speedup, "cosine": t.cosine} for t in timed],
             "float_ms_p50": float_ms, "chosen": chosen.label,
@@ -288,6 +289,8 @@ def run(ctx: JobContext) -> QuantizeResult:
     warnings += static_layers.coverage_warnings(model, quantized, layers, by_config)
     metrics = onnx_common.measure_files(ctx, model_path, output, samples, original_bytes=original_bytes,
                                         layers=layers, warnings=warnings)
+    if note := speed.slower_than_float_warning(metrics["latency"]["speedup"], chosen, timed):
+        metrics["warnings"].append(note)
     summary.update({
         "pre_processed": normalized.pre_process, "format": "QDQ", "calibration_method": method,
         "opset": {"upload": normalized.original_opset, "quantized": normalized.opset},

@@ -1,0 +1,110 @@
+"""The small rules inside ONNX static int8, each on a graph built here: Gemm biases, transformer detection,
+and the plain words when int8 is slower than float."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from worker.engine.onnx import rewrite, speed, static
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def _gemm(bias_shape: tuple[int, ...], *, shared: bool = False) -> onnx.ModelProto:
+    """x [4, 8] -> Gemm(W [8, 6], C bias_shape) -> y; with `shared`, a second Gemm reads the same C."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 6)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.normal(size=bias_shape).astype(np.float32), "C")]
+    nodes = [helper.make_node("Gemm", ["x", "W", "C"], ["y"], name="dense")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 6])]
+    if shared:
+        nodes.append(helper.make_node("Gemm", ["x", "W", "C"], ["z"], name="dense_2"))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [4, 6]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_gemm_bias_of_shape_1_n_is_flattened_without_changing_outputs() -> None:
+    model = _gemm((1, 6))
+    x = np.random.default_rng(1).normal(size=(4, 8)).astype(np.float32)
+    before = _run(model, x)
+    assert rewrite.flatten_gemm_biases(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    assert [list(t.dims) for t in model.graph.initializer if t.name == "C"] == [[6]]
+    np.testing.assert_allclose(_run(model, x), before, rtol=1e-6)
+
+
+def test_shared_gemm_bias_keeps_its_original_and_flat_bias_left_alone() -> None:
+    model = _gemm((1, 6), shared=True)
+    assert rewrite.flatten_gemm_biases(model) == 2
+    onnx.checker.check_model(model, full_check=True)
+    assert len(model.graph.initializer) == 2  # the last reader took the original name; no orphan left
+    assert rewrite.flatten_gemm_biases(_gemm((6,))) == 0
+
+
+def test_flat_bias_lets_per_channel_static_quantization_through(tmp_path: Path) -> None:
+    """onnxruntime's int32-bias scale check raised on a [1, N] bias (magika, tf2onnx); [N] goes through."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    model = _gemm((1, 6))
+    rewrite.flatten_gemm_biases(model)
+    onnx.save(model, tmp_path / "flat.onnx")
+    samples = [{"x": np.random.default_rng(i).normal(size=(4, 8)).astype(np.float32)} for i in range(4)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter(samples)
+
+        def get_next(self) -> dict | None:
+            return next(self.feeds, None)
+
+    quantize_static(str(tmp_path / "flat.onnx"), str(tmp_path / "int8.onnx"), Reader(),
+                    quant_format=QuantFormat.QDQ, per_channel=True)
+    assert any(n.op_type == "DequantizeLinear" for n in onnx.load(tmp_path / "int8.onnx").graph.node)
+
+
+def _classifier(attention: bool) -> onnx.ModelProto:
+    """x [1, 4, 8] -> MatMul(W) -> [MatMul(h, h^T) ->] Softmax: a CNN-style head, or an attention score."""
+    w = numpy_helper.from_array(np.eye(8, dtype=np.float32), "W")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="proj")]
+    last = "h"
+    if attention:
+        nodes += [helper.make_node("Transpose", ["h"], ["ht"], perm=[0, 2, 1], name="t"),
+                  helper.make_node("MatMul", ["h", "ht"], ["scores"], name="qk")]
+        last = "scores"
+    nodes.append(helper.make_node("Softmax", [last], ["y"], axis=-1, name="softmax"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_a_final_softmax_does_not_make_a_transformer() -> None:
+    assert static._op_types(_classifier(attention=False))[1] is False
+    assert static._op_types(_classifier(attention=True))[1] is True
+
+
+def _timed(label: str, speedup: float, cosine: float = 0.99) -> speed.Timed:
+    return speed.Timed(label, Path(label), ms=10 / speedup, cosine=cosine, speedup=speedup)
+
+
+def test_slower_than_float_names_the_float_model_when_no_int8_variant_is_faster() -> None:
+    chosen = _timed("as quantized", 0.62)
+    note = speed.slower_than_float_warning(0.6, chosen, [chosen, _timed("float islands kept float", 0.58)])
+    assert note is not None and "slower" in note and "fastest alternative here is the float model" in note
+    assert "'as quantized' 0.62x" in note and "'float islands kept float' 0.58x" in note
+    assert speed.slower_than_float_warning(1.1, chosen, [chosen]) is None
+
+
+def test_slower_than_float_names_a_faster_int8_variant_when_one_was_measured() -> None:
+    chosen, faster = _timed("as quantized", 0.9, 0.999), _timed("float islands kept float", 1.3, 0.99)
+    note = speed.slower_than_float_warning(0.9, chosen, [chosen, faster])
+    assert note is not None and "fastest int8 variant measured was 'float islands kept float' at 1.30x" in note
