@@ -1,11 +1,12 @@
 """Wakes long polls when a job changes: PostgreSQL LISTEN/NOTIFY in production, a short re-check embedded.
 
 A trigger on `jobs` (migrations/versions/0004) sends NOTIFY quantserve_job_changes with the job id whenever
-anything a client sees of it changes (status, stage, progress, error, metrics, ...), whoever writes it (worker, reaper, a cancel, plain SQL), and
-PostgreSQL delivers it only when that transaction commits. Each API process keeps one connection LISTENing.
-SQLite has no such channel, so the embedded mode re-reads the job every EMBEDDED_RECHECK_S instead: one cheap
-indexed read per waiting client, a few a second. Notifications are a wake-up, never the truth: a woken poll
-re-reads the row, and a lost notification (the LISTEN connection dropped) costs at most LISTENING_RECHECK_S.
+anything a client sees of it changes (status, stage, progress, error, metrics, ...), whoever writes it
+(worker, reaper, a cancel, plain SQL), and PostgreSQL delivers it only when that transaction commits.
+Each API process keeps one connection LISTENing. SQLite has no such channel, so the embedded mode re-reads
+the job every EMBEDDED_RECHECK_S instead: one cheap indexed read per waiting client, a few a second.
+Notifications are a wake-up, never the truth: a woken poll re-reads the row, and a lost notification
+(the LISTEN connection dropped) costs at most LISTENING_RECHECK_S.
 """
 
 from __future__ import annotations
