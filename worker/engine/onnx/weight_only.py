@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import itertools
 import logging
 import shutil
 import time
@@ -17,7 +18,7 @@ from worker.engine import evaluate, report
 from worker.engine import metrics as m
 from worker.engine.errors import EngineError
 from worker.engine.onnx import common as onnx_common
-from worker.engine.onnx import deliver, normalize
+from worker.engine.onnx import deliver, normalize, weight_only_mixed
 from worker.engine.onnx import rewrite as onnx_rewrite
 from worker.engine.types import ArtifactFile, QuantizeResult
 
@@ -110,21 +111,40 @@ def _gptq(model: onnx.ModelProto, config: WeightOnlyConfig, excluded: set[str],
     return quantized.model
 
 
-def _int8_gather(src: Path, dst: Path, config: WeightOnlyConfig, excluded: set[str]) -> None:
+def _int8_gather(src: Path, dst: Path, config: WeightOnlyConfig, excluded: set[str] | list[str]) -> None:
     """Embedding tables to 8 bits: MatMulNBits' Gather path is 4-bit only, and the dynamic quantizer's
     Gather only stores the table as integers (asymmetric uint8 in 1.32), which is what weight-only means."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), op_types_to_quantize=["Gather"], nodes_to_exclude=sorted(excluded),
-                     weight_type=QuantType.QInt8 if config.symmetric else QuantType.QUInt8)
+    # it logs "Please consider to run pre-processing" on the root logger at every call; weight-only needs none
+    def quiet(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Please consider to run pre-processing")
+
+    logging.getLogger().addFilter(quiet)
+    try:
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["Gather"], nodes_to_exclude=sorted(excluded),
+                         weight_type=QuantType.QInt8 if config.symmetric else QuantType.QUInt8)
+    finally:
+        logging.getLogger().removeFilter(quiet)
 
 
 def _quantize(ctx: JobContext, model: onnx.ModelProto, excluded: set[str], scratch: Path,
-              batches: list[dict[str, np.ndarray]], *, gather: bool) -> onnx.ModelProto:
-    """MatMul weights to MatMulNBits; embedding tables (Gather) too when `gather` (int4 needs opset 21)."""
+              batches: list[dict[str, np.ndarray]], *, gather: bool,
+              promoted: frozenset[str] = frozenset()) -> onnx.ModelProto:
+    """MatMul weights to MatMulNBits; embedding tables (Gather) too when `gather` (int4 needs opset 21). At int4,
+    the `promoted` nodes get 8 bits instead (weight_only_mixed): a second, 8-bit pass of the same quantizer."""
     import onnx
 
     config: WeightOnlyConfig = ctx.config
+    if config.dtype == "int4" and promoted:
+        tables = {n.name for n in model.graph.node if n.op_type == "Gather"}
+        if gather and promoted & tables:
+            onnx.save_model(model, str(scratch / "promote_src.onnx"))
+            _int8_gather(scratch / "promote_src.onnx", scratch / "promote_gather.onnx", config,
+                         sorted(tables - promoted))
+            model = onnx.load(str(scratch / "promote_gather.onnx"))
+        model = _quantize(ctx, model, excluded | promoted, scratch, batches, gather=gather)
+        return _rtn(model, config, 8, ("MatMul",), excluded) if promoted - tables else model
     if config.dtype == "int8":
         if not gather:
             return _rtn(model, config, 8, ("MatMul",), excluded)
@@ -234,25 +254,32 @@ def run(ctx: JobContext) -> QuantizeResult:
             variants = variants[1:]
         excluded_names = excluded | {f"{n}_MatMul" for n in excluded}  # what the Gemm rewrite names them
 
-        def build(variant: deliver.Variant, kept: set[str]) -> Path:
+        numbering = itertools.count()
+
+        def build(variant: deliver.Variant, kept: set[str], promoted: frozenset[str] = frozenset()) -> Path:
             model = onnx.ModelProto()
             model.CopyFrom(normalized)
             try:
                 quantized = _quantize(ctx, model, excluded_names | kept, scratch, calibration,
-                                      gather=variant.options["gather"])
+                                      gather=variant.options["gather"], promoted=promoted)
             except EngineError:
                 raise
             except Exception as exc:  # onnxruntime's quantizers raise whatever their graph walk hits
                 raise EngineError(f"onnxruntime's {config.algorithm} weight-only quantizer failed on this model: "
                                   f"{type(exc).__name__}: {exc}", code="unsupported") from exc
-            path = scratch / f"candidate_{len(list(scratch.glob('candidate_*')))}.onnx"
+            path = scratch / f"candidate_{next(numbering)}.onnx"  # not a count of files: the search removes some
             onnx.save_model(quantized, str(path))
             return path
 
         ctx.progress("quantizing", 0.15)
         chosen = deliver.first_valid(ctx, variants, build, samples.batches[0], full_check=prepared.full_check)
         warnings += chosen.warnings
-        shutil.move(chosen.path, output)
+        # int4 everywhere can lose too much (MiniLM: 0.947): the most sensitive layers then stay at 8 bits
+        layer_names = {k: n.layer for n in nodes for k in (n.node, f"{n.node}_MatMul")}
+        mixed = weight_only_mixed.apply(ctx, chosen, build, normalized, excluded_names, model_path=model_path,
+                                        batches=calibration, feed=samples.batches[0], full_check=prepared.full_check,
+                                        layer_names=layer_names, warnings=warnings)
+        shutil.move(mixed.path or chosen.path, output)
         quantized = onnx.load(str(output))
         count = sum(1 for n in quantized.graph.node if n.op_type == "MatMulNBits")
         if not count:
@@ -280,6 +307,10 @@ def run(ctx: JobContext) -> QuantizeResult:
         "kept_float_invalid": sorted(chosen.kept_float), "variant": chosen.variant.label,
         "opset": {"upload": prepared.original_opset, "quantized": prepared.opset},
         "constants_folded": prepared.folded_constants,
+        "kept_8bit_for_fidelity": [{"name": layer_names.get(n, n), "tuning_cosine_gain": round(mixed.gains[n], 5)}
+                                   for n in mixed.promoted],
+        "tuning_cosine": {"all_4bit": round(mixed.before, 5), "delivered": round(mixed.after, 5),
+                          "target": weight_only_mixed.TARGET_COSINE} if mixed.measured else None,
         "layer_sqnr": SQNR_NOTE, "quantize_s": round(quantize_s, 3),
     }
     return QuantizeResult(
