@@ -25,6 +25,8 @@ COPY pyproject.toml alembic.ini ./
 COPY app/ app/
 COPY worker/ worker/
 COPY migrations/ migrations/
+# The client package: the API's answer models live there (client/quantserve_client/schemas.py).
+COPY client/quantserve_client/ client/quantserve_client/
 
 
 FROM base AS api

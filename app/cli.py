@@ -1,4 +1,4 @@
-"""quantserve serve | api | worker | migrate | keys | quantize: one command line for every process."""
+"""quantserve serve | api | worker | migrate | keys | quantize | submit | download | jobs: one command line."""
 
 from __future__ import annotations
 
@@ -194,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("engine_args", nargs=argparse.REMAINDER)
     quantize.set_defaults(func=cmd_quantize)
 
+    # The Python client's commands (client/quantserve_client/cli.py), registered by name only, like quantize:
+    # main() hands their arguments over untouched, and nothing of the server is imported for them.
+    for name, help_text in CLIENT_COMMANDS.items():
+        client_cmd = sub.add_parser(name, help=help_text, add_help=False)
+        client_cmd.add_argument("client_args", nargs=argparse.REMAINDER)
+
     with_data_dir(sub.add_parser("migrate", help="apply database migrations")).set_defaults(func=cmd_migrate)
 
     keys = with_data_dir(sub.add_parser("keys", help="manage API keys"))
@@ -223,10 +229,32 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return engine_cli.main(args.engine_args)
 
 
+CLIENT_COMMANDS = {"submit": "client: upload a model and submit a job (--wait follows it with a progress bar)",
+                   "download": "client: download a job's artifacts (resumable)",
+                   "jobs": "client: list jobs"}
+CLIENT_EXTRA_HINT = ("quantserve {command} is a client command and needs module {missing!r}; install it with: "
+                     "pip install 'quantserve[client]' (or the client alone: pip install ./client)")
+
+
+def cmd_client(argv: list[str]) -> int:
+    try:
+        # httpx and rich are checked here, so that a missing one gets the hint rather than a traceback
+        import httpx  # noqa: F401
+        import rich  # noqa: F401
+
+        from quantserve_client import cli as client_cli
+    except ModuleNotFoundError as exc:
+        print(CLIENT_EXTRA_HINT.format(command=argv[0], missing=exc.name), file=sys.stderr)
+        return 2
+    return client_cli.main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["quantize"]:  # everything after it is the engine CLI's, options included
         return cmd_quantize(argparse.Namespace(engine_args=argv[1:]))
+    if argv[:1] and argv[0] in CLIENT_COMMANDS:  # the client's own parser reads the rest
+        return cmd_client(argv)
     args = build_parser().parse_args(argv)
     return args.func(args)
 
