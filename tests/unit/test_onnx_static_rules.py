@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from worker.engine.onnx import rewrite, speed, static
+from worker.engine.onnx import rewrite, sensitive, speed, static
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -108,3 +108,54 @@ def test_slower_than_float_names_a_faster_int8_variant_when_one_was_measured() -
     chosen, faster = _timed("as quantized", 0.9, 0.999), _timed("float islands kept float", 1.3, 0.99)
     note = speed.slower_than_float_warning(0.9, chosen, [chosen, faster])
     assert note is not None and "fastest int8 variant measured was 'float islands kept float' at 1.30x" in note
+
+
+def _chain() -> onnx.ModelProto:
+    """x -> Conv a -> Relu -> Conv b -> Conv c: three weight layers in a row."""
+    w = numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a_out"], name="a"),
+             helper.make_node("Relu", ["a_out"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w"], ["b_out"], name="b"),
+             helper.make_node("Conv", ["b_out", "w"], ["y"], name="c")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_a_layers_own_loss_is_the_drop_from_what_reaches_it() -> None:
+    drops = sensitive.sqnr_drops(_chain(), {"a": 40.0, "b": 12.0, "c": 10.0})
+    assert drops == {"a": sensitive.INPUT_SQNR_DB - 40.0, "b": 28.0, "c": 2.0}
+
+
+class _Log:
+    def log(self, level: str, message: str) -> None:
+        pass
+
+
+def test_the_fewest_worst_layers_that_make_it_faithful_stay_float(tmp_path: Path) -> None:
+    drops = {"a": 8.0, "b": 28.0, "c": 2.0, "d": 1.0, "e": 0.5}
+    built: list[set[str]] = []
+
+    def requantize(kept: set[str], path: Path) -> None:
+        built.append(kept)
+        path.write_bytes(b"x" * len(kept))
+
+    # faithful once b and a are both float; b alone helps a little
+    def fidelity_of(path: Path) -> sensitive.Fidelity:
+        kept = built[-1]
+        return (0.999, None, 0.99) if {"a", "b"} <= kept else (0.95, None, 0.9) if "b" in kept else (0.9, None, 0.8)
+
+    outcome, path = sensitive.keep_worst_float(_Log(), drops, 20, requantize, fidelity_of, (0.9, None, 0.8),
+                                               tmp_path)
+    assert outcome.kept == ["b", "a", "c", "d"] and path is not None and path.stat().st_size == 4
+    assert [t["float_layers"] for t in outcome.tried] == [1, 4]  # stopped at the first faithful candidate
+    assert "b, a, c, d" in sensitive.warning(outcome, {})
+
+
+def test_no_candidate_is_kept_when_none_is_clearly_better(tmp_path: Path) -> None:
+    def requantize(kept: set[str], path: Path) -> None:
+        path.write_bytes(b"x")
+
+    outcome, path = sensitive.keep_worst_float(_Log(), {"a": 5.0, "b": 3.0}, 20, requantize,
+                                               lambda path: (0.901, None, 0.801), (0.9, None, 0.8), tmp_path)
+    assert path is None and outcome.kept == [] and len(outcome.tried) == 1

@@ -15,7 +15,7 @@ from worker.engine import metrics as m
 from worker.engine.errors import EngineError
 from worker.engine.onnx import calibration as onnx_calibration
 from worker.engine.onnx import common as onnx_common
-from worker.engine.onnx import deliver, normalize, rewrite, speed, static_layers, subgraphs
+from worker.engine.onnx import deliver, normalize, rewrite, sensitive, speed, static_layers, subgraphs
 from worker.engine.types import ArtifactFile, QuantizeResult
 
 if TYPE_CHECKING:
@@ -126,12 +126,28 @@ def _fidelity(reference: list[list[np.ndarray]], path: Path, batches: list[dict[
     return mean, m.top1_agreement([r[0] for r in reference], [o[0] for o in outs]), low
 
 
-def _selection_score(fidelity: tuple[float, float | None, float]) -> float:
-    """What 'auto' calibration maximises: the worst output's mean cosine and its worst sample, alike. On the
-    mean alone, percentile won on a layout detector by clipping the peaks one page's detections need
-    (worst sample 0.66 against minmax's 0.81)."""
-    mean, _, low = fidelity
-    return (mean + low) / 2
+def _keep_sensitive_float(ctx: JobContext, model: onnx.ModelProto, nodes: list[onnx_common.WeightNode],
+                          output: Path, scratch: Path, reference: list[list[np.ndarray]],
+                          checks: list[dict[str, np.ndarray]], requantize: Any, summary: dict[str, Any],
+                          warnings: list[str]) -> set[str]:
+    """When `output` is not faithful, replace it by the candidate with its most sensitive layers float, if
+    one is clearly better (sensitive.py). Returns the nodes kept float."""
+    import onnx
+
+    before = _fidelity(reference, output, checks)
+    if not sensitive.low(before):
+        return set()
+    sqnr = static_layers.layer_sqnr(ctx, model, onnx.load(str(output)), nodes, checks[:8], scratch)
+    outcome, better = sensitive.keep_worst_float(
+        ctx, sensitive.sqnr_drops(model, sqnr), len(nodes), requantize,
+        lambda path: _fidelity(reference, path, checks), before, scratch)
+    summary["sensitive_layers"] = {"before": {"cosine": round(before[0], 6), "cosine_min": round(before[2], 6)},
+                                   "tried": outcome.tried, "kept_float": outcome.kept}
+    if better is None:
+        return set()
+    shutil.move(better, output)
+    warnings.append(sensitive.warning(outcome, {n.node: n.layer for n in nodes}))
+    return set(outcome.kept)
 
 
 def _collapsed(fidelity: tuple[float, float | None, float]) -> bool:
@@ -231,7 +247,7 @@ def run(ctx: JobContext) -> QuantizeResult:
                 around = {n.name for n in base_model.graph.node if infinite & {*n.input, *n.output}}
                 _quantize(ctx, base, trial, trial_cache, method, op_types, by_config | attention | around,
                           reduce_range)
-                return _selection_score(_fidelity([float_check(b) for b in held], trial, held))
+                return sensitive.score(_fidelity([float_check(b) for b in held], trial, held))
 
             chosen, summary["calibration_selection"] = onnx_calibration.choose_algorithm(
                 ctx, base, op_types, calibration, scratch, score)
@@ -269,8 +285,12 @@ def run(ctx: JobContext) -> QuantizeResult:
         warnings += delivered.warnings
         excluded |= delivered.kept_float
 
-        ctx.progress("quantizing", 0.65)
         chosen_config = dataclasses.replace(ctx, config=delivered.variant.options["config"])
+        ctx.progress("quantizing", 0.62)
+        excluded |= _keep_sensitive_float(ctx, model, nodes, output, scratch, reference, checks,
+                                          lambda kept, path: quantize(path, reduce_range, frozenset(kept),
+                                                                      chosen_config), summary, warnings)
+        ctx.progress("quantizing", 0.65)
         first, pruned, kept_for_speed = speed.without_float_islands(
             ctx, lambda kept, path: quantize(path, reduce_range, frozenset(kept), chosen_config), output, scratch,
             checks[0], full_check=normalized.full_check)
