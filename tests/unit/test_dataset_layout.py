@@ -97,6 +97,7 @@ def test_a_state_given_batch_first_is_refused_with_both_layouts_named(tmp_path: 
     ([2, "batch", 128], [10, 3, 1, 128], True, False),
     ([], [10], True, True),
     ([1, 4], [10, 4], False, True),  # a fixed batch of 1: the first axis still counts samples
+    ([-1, 3, "h", "w"], [16, 3, 48, 192], False, True),  # paddle2onnx's dynamic axis is dim_value -1
 ])
 def test_layout_rule(shape: list, array: list, stacked: bool, ok: bool) -> None:
     assert layout.stacks_samples(shape, array) is stacked
@@ -114,3 +115,16 @@ def test_the_api_check_accepts_the_stacked_layout_and_still_refuses_a_wrong_shap
     assert dataset_mismatch(model, SimpleNamespace(kind="tensors", arrays=arrays)) is None
     arrays["state"] = {"dtype": "float32", "shape": [16, 2, 128]}
     assert "state" in dataset_mismatch(model, SimpleNamespace(kind="tensors", arrays=arrays))
+
+
+def test_a_dim_value_of_minus_one_reads_as_a_dynamic_axis(tmp_path: Path) -> None:
+    """paddle2onnx (PaddleOCR) writes [-1, 3, ?, ?]; a batch-sliced dataset must feed it."""
+    node = helper.make_node("Relu", ["x"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3, "h", "w"])])
+    path = tmp_path / "paddle.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), path)
+    inputs = onnx_common.inspect(path).inputs
+    assert not isinstance(inputs[0].shape[0], int)
+    data = models.save_npz(tmp_path / "x.npz", x=np.zeros((4, 3, 8, 16), np.float32))
+    assert len(load_npz(data, inputs, 100, "calibration").batches) == 4

@@ -36,7 +36,8 @@ def sample_shape_problem(input_shape: Sequence[Dim] | None, array_shape: Sequenc
         want, got = list(input_shape), array_shape[1:]
     elif len(array_shape) == len(input_shape):
         first = input_shape[0] if input_shape else None
-        if isinstance(first, int) and first != 1:  # a[i:i+1] has 1 there: no sample could fit
+        # a[i:i+1] has 1 there: no sample could fit (a dim of -1 or 0 is an exporter's "dynamic")
+        if isinstance(first, int) and first > 1:
             dims = ", ".join(str(d) if isinstance(d, int) else "?" for d in input_shape)
             return (f"the input's first axis is fixed at {first}, so it is not a batch axis to slice samples "
                     f"from: stack N samples on a new first axis ([N, {dims}])")
@@ -45,6 +46,6 @@ def sample_shape_problem(input_shape: Sequence[Dim] | None, array_shape: Sequenc
         return (f"the array has {len(array_shape)} dimension(s); the input has {len(input_shape)}: give "
                 f"{len(input_shape)} (the first one the batch axis) or {len(input_shape) + 1} (N samples "
                 "stacked on a new first axis, each fed as is)")
-    if any(isinstance(w, int) and w != g for w, g in zip(want, got, strict=True)):
+    if any(isinstance(w, int) and w > 0 and w != g for w, g in zip(want, got, strict=True)):
         return "a sample's shape does not match the input's fixed dimensions"
     return None

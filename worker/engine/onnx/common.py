@@ -83,7 +83,8 @@ def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
     shape: list[int | str] = []
     if tensor_type.HasField("shape"):
         for dim in tensor_type.shape.dim:
-            if dim.HasField("dim_value"):
+            # paddle2onnx writes a dynamic axis as dim_value -1 (PaddleOCR's [-1, 3, ?, ?]): unknown, not fixed
+            if dim.HasField("dim_value") and dim.dim_value > 0:
                 shape.append(int(dim.dim_value))
             else:
                 shape.append(dim.dim_param or "?")
