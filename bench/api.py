@@ -19,47 +19,21 @@ import sys
 import tempfile
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.db import make_engine, make_session_factory, transaction  # noqa: E402
-from app.migrate import upgrade  # noqa: E402
 from app.models import ApiKey, Artifact, Job  # noqa: E402
 from app.services import keys  # noqa: E402
 from bench import wrk_runner  # noqa: E402
 from bench.uploads import measure_uploads  # noqa: E402
+from tests.conftest import free_port, fresh_pg_database  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-PG_ADMIN = os.environ.get("QUANTSERVE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS = os.environ.get("QUANTSERVE_TEST_REDIS", "redis://127.0.0.1:6379") + "/14"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def bench_database():
-    name = f"quantserve_bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-        upgrade(url)
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def seed(url: str, key: str | None = None) -> tuple[str, uuid.UUID]:
@@ -117,7 +91,7 @@ def fmt_errors(errors: dict[str, int]) -> str:
 
 def production(args: argparse.Namespace, work: Path) -> tuple[list[str], list[str]]:
     rows, notes = [], []
-    with bench_database() as url:
+    with fresh_pg_database() as url:
         key, job_id = seed(url)
         env = {**os.environ, "QUANTSERVE_DATABASE_URL": url, "QUANTSERVE_BROKER_URL": REDIS,
                "QUANTSERVE_DATA_DIR": str(work / "prod"), "QUANTSERVE_BROKER_KEY_PREFIX": f"bench-{job_id.hex[:6]}:",
