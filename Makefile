@@ -16,6 +16,7 @@ run: $(VENV)/.installed
 
 services:
 	bash scripts/ensure-services.sh
+	bash scripts/ensure-chromium.sh  # the report.html tests render the page in headless Chromium
 
 test: $(VENV)/.installed services
 	$(VENV)/bin/ruff check .

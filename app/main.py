@@ -18,7 +18,7 @@ from app.auth import KeyCache
 from app.broker import OutboxRelay, Publisher
 from app.db import SYNC_POOL_CAPACITY, make_async_engine, make_engine, make_session_factory
 from app.job_events import JobEvents
-from app.routes import jobs, system, uploads
+from app.routes import jobs, reports, system, uploads
 from app.settings import Settings
 from app.storage import LocalStorage
 from worker.celery_app import create_celery
@@ -91,7 +91,7 @@ async def _send_413(send: Send, limit: int, path: str) -> None:
 
 
 # Every router the app serves; the tenant-isolation test walks these, so a new route is checked too.
-ROUTERS = (system.router, uploads.models_router, uploads.datasets_router, jobs.router)
+ROUTERS = (system.router, uploads.models_router, uploads.datasets_router, jobs.router, reports.router)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

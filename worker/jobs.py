@@ -137,12 +137,28 @@ def _store_results(rt: Runtime, claim: lifecycle.Claim, result: dict[str, Any], 
     report_path.write_text(json.dumps(report, indent=2, default=str))
     files = [(a["kind"], Path(a["path"]), a["filename"], a.get("format")) for a in result["artifacts"]]
     files.append(("report", report_path, "report.json", None))
+    if (page := _report_page(claim, report, files, work)) is not None:
+        files.append(("report_html", page, "report.html", None))
     for kind, path, filename, fmt in files:
         key = f"{prefix}/{filename}"
         size, sha256 = rt.storage.put_file(path, key)
         stored.append(lifecycle.StoredArtifact(kind, filename, fmt, size, sha256, key))
     if not lifecycle.finish(rt.session_factory, claim, stored, result["metrics"]):
         rt.storage.delete_prefix(prefix)  # this attempt lost the job (cancelled or reaped): keep nothing
+
+
+def _report_page(claim: lifecycle.Claim, report: dict[str, Any], files: list[tuple[str, Path, str, str | None]],
+                 work: Path) -> Path | None:
+    """report.html beside report.json. A page that cannot be drawn costs the job the page, not its result."""
+    try:
+        from worker.engine import report_html  # matplotlib loads on the first report, not at worker start
+
+        artifacts = [{"kind": kind, "filename": filename, "format": fmt} for kind, _, filename, fmt in files]
+        return report_html.write(report, work / "report.html", model_name=claim.model_name, job_name=claim.job_name,
+                                 artifacts=artifacts)
+    except Exception:  # any failure here must leave the artifacts and metrics intact
+        log.exception("job %s: report.html could not be built; the job keeps report.json", claim.job_id)
+        return None
 
 
 def artifact_stem(name: str) -> str:

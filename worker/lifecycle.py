@@ -35,6 +35,7 @@ class Claim:
     model_name: str
     model_key: str
     dataset_keys: dict[str, str]  # calibration|training|evaluation -> storage key
+    job_name: str | None = None  # shown in report.html
 
 
 def claim(factory: sessionmaker[Session], job_id: uuid.UUID, worker: str, lease_s: float) -> Claim | None:
@@ -68,7 +69,7 @@ def claim(factory: sessionmaker[Session], job_id: uuid.UUID, worker: str, lease_
                 keys[role] = dataset.storage_key
         session.add(JobLog(job_id=job_id, level="info", message=f"attempt {row.attempt} started on {worker}"))
         return Claim(job_id, job.tenant_id, row.attempt, job.method, job.device, dict(job.config), model.format,
-                     model.name, model.storage_key, keys)
+                     model.name, model.storage_key, keys, job.name)
 
 
 def _mine(job_id: uuid.UUID, attempt: int):

@@ -97,7 +97,7 @@ def test_sigkilled_worker_job_is_retried_then_fails_worker_lost(database: str, t
         assert done["attempts"] == 2
         assert [m for m in _log_messages(client, first["id"]) if m == "succeeded"] == ["succeeded"]
         assert any("lost its worker; requeued" in line for line in _logs(client, first["id"]))
-        assert {a["kind"] for a in done["artifacts"]} == {"model", "report"}
+        assert {a["kind"] for a in done["artifacts"]} == {"model", "report", "report_html"}
 
         # A job whose worker dies on every attempt ends as worker_lost after max_attempts; it never loops.
         second = submit(client, {"model_id": model["id"], "method": "dynamic", "name": "doomed"}).json()
