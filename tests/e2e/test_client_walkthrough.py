@@ -71,6 +71,8 @@ def test_readme_python_and_cli_walkthroughs_run_as_written_on_the_embedded_serve
     ref = ort.InferenceSession(str(original)).run(None, {"input": x})[0]
     out = ort.InferenceSession(str(quantized)).run(None, {"input": x})[0]
     assert np.mean(ref.argmax(1) == out.argmax(1)) >= 0.9
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert 'id="chart-comparison"' in page and 'id="chart-layers"' in page and "mlp" in page
 
     # CLI: a second job (a new Idempotency-Key, so not the first job again), listed, every artifact downloaded.
     job_id = cli.stdout.split()[-1]
@@ -78,7 +80,7 @@ def test_readme_python_and_cli_walkthroughs_run_as_written_on_the_embedded_serve
     assert cli.stdout.count("succeeded") >= 2, f"`quantserve jobs` should list both jobs as succeeded:\n{cli.stdout}"
     assert job_id in cli.stdout.split()[:-1], "`quantserve jobs` does not list the job just submitted"
     files = {p.name: p for p in (tmp_path / "out-cli").iterdir()}
-    assert {"report.json", quantized.name} <= set(files), files
+    assert {"report.json", "report.html", quantized.name} <= set(files), files
     report = json.loads(files["report.json"].read_text())
     assert report["job_id"] == job_id
     assert files[quantized.name].stat().st_size == report["metrics"]["size"]["quantized_bytes"]

@@ -54,6 +54,7 @@ def test_readme_walkthrough_runs_as_written_on_the_embedded_server(tmp_path: Pat
     out = ort.InferenceSession(str(quantized)).run(None, {"input": x})[0]
     assert np.mean(ref.argmax(1) == out.argmax(1)) >= 0.9
     assert '"metrics"' in (tmp_path / "report.json").read_text()
+    assert 'id="chart-layers"' in (tmp_path / "report.html").read_text(encoding="utf-8")
 
 
 def test_stopping_serve_also_stops_its_worker(tmp_path: Path) -> None:
