@@ -21,7 +21,8 @@ CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri '
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"description": d, "content": {"application/problem+json": {}}}
     for code, d in ((401, "No key"), (404, "No such job, or it has no report.html"),
-                    (409, "The job has not succeeded"), (503, "Database unreachable or saturated; with Retry-After"))
+                    (409, "The job has not succeeded"), (422, "Invalid id or header"),
+                    (503, "Database unreachable or saturated; with Retry-After"))
 }
 router = APIRouter(prefix="/v1", tags=["jobs"], responses=ERRORS)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import copy
 import re
+import subprocess
+import sys
 import tempfile
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
@@ -144,3 +146,9 @@ def test_the_page_renders_in_headless_chromium_without_console_errors(tmp_path: 
         assert browser.evaluate("document.querySelectorAll('#warnings li').length") == 2
         shot = browser.screenshot(Path(tempfile.gettempdir()) / "quantserve-report-hostile.png")
     assert shot.stat().st_size > 20_000
+
+
+def test_the_api_serves_pages_without_importing_matplotlib() -> None:
+    code = "import sys, app.main; app.main.create_app(); print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
