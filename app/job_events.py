@@ -19,6 +19,8 @@ from collections.abc import Iterator
 
 from sqlalchemy import make_url
 
+from app.job_cache import JobAnswerCache
+
 log = logging.getLogger("quantserve.api")
 
 CHANNEL = "quantserve_job_changes"
@@ -34,6 +36,7 @@ class JobEvents:
         self._watched: dict[uuid.UUID, tuple[asyncio.Event, list[int]]] = {}
         self._task: asyncio.Task | None = None
         self.listening = False
+        self.answers = JobAnswerCache()  # poll answers, dropped by the same notifications (app/job_cache.py)
 
     @property
     def recheck_s(self) -> float:
@@ -59,6 +62,7 @@ class JobEvents:
             await asyncio.wait_for(event.wait(), timeout_s)
 
     def changed(self, job_id: uuid.UUID) -> None:
+        self.answers.invalidate(job_id)  # first: a woken long poll must not find the old answer cached
         entry = self._watched.pop(job_id, None)
         if entry is not None:
             entry[0].set()
@@ -72,6 +76,7 @@ class JobEvents:
             self._task = asyncio.get_running_loop().create_task(self._listen(), name="quantserve-job-events")
 
     async def stop(self) -> None:
+        self.answers.enabled = False
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -88,6 +93,8 @@ class JobEvents:
                 async with conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.listening, backoff = True, 0.5
+                    self.answers.reset()
+                    self.answers.enabled = True
                     self._wake_all()  # anything may have changed while we were not listening
                     async for note in conn.notifies():
                         with contextlib.suppress(ValueError):
@@ -95,6 +102,8 @@ class JobEvents:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database went away: re-check often until LISTEN is back
+                self.answers.enabled = False
+                self.answers.reset()
                 if self.listening:
                     log.warning("job change notifications lost (%s); long polls re-check every %.1f s meanwhile",
                                 exc.__class__.__name__, EMBEDDED_RECHECK_S)

@@ -6,13 +6,14 @@ import json
 import uuid
 from typing import Annotated, Any
 
+from anyio import from_thread
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from app.errors import ConflictError, NotFoundError
 from app.models import Artifact, Job
-from app.routes.downloads import file_response
+from app.routes.downloads import Redirect, file_response
 from app.schemas import ArtifactPublic, JobCreate, JobPublic, LogLine, Page
 from app.services import job_reads, jobs
 from app.services.common import paginate, tenant_get, tenant_select
@@ -69,7 +70,7 @@ async def get_job(job_id: uuid.UUID, request: Request, tenant_id: TenantDep,
         view = await job_reads.wait_for_change(state.read_engine, state.job_events, tenant_id, job_id,
                                                known_etag=known.removeprefix("W/") if known else None, wait_s=wait)
     else:
-        view = await job_reads.read(state.read_engine, tenant_id, job_id)
+        view = await job_reads.read(state.read_engine, tenant_id, job_id, state.job_events.answers)
     if view is None:
         raise NotFoundError(f"no job with id {job_id}")
     if job_reads.etag_matches(if_none_match, view.etag):
@@ -78,8 +79,11 @@ async def get_job(job_id: uuid.UUID, request: Request, tenant_id: TenantDep,
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: uuid.UUID, session: SessionDep, tenant_id: TenantDep) -> Any:
+def cancel_job(job_id: uuid.UUID, request: Request, session: SessionDep, tenant_id: TenantDep) -> Any:
     job = jobs.cancel(session, tenant_id, job_id)
+    # This process's cached poll answer goes now, not when the commit's notification comes back: a client
+    # that polls right after its cancel must see it. The cache lives on the event loop's thread.
+    from_thread.run_sync(request.app.state.job_events.answers.invalidate, job_id)
     return job_public(job, jobs.artifacts_of(session, [job.id])[job.id])
 
 
@@ -116,7 +120,7 @@ def get_artifact(artifact_id: uuid.UUID, session: SessionDep, tenant_id: TenantD
             responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "Partial"},
                        304: {"description": "Not modified"}, 416: {"description": "Bad range"}})
 def download_artifact(artifact_id: uuid.UUID, request: Request, session: SessionDep, tenant_id: TenantDep,
-                      storage: StorageDep) -> Response:
+                      storage: StorageDep, redirect: Redirect = False) -> Response:
     artifact = tenant_get(session, Artifact, tenant_id, artifact_id, what="artifact")
     return file_response(request, storage, artifact.storage_key, size=artifact.size_bytes, sha256=artifact.sha256,
-                         filename=artifact.filename)
+                         filename=artifact.filename, redirect=redirect)

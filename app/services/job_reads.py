@@ -17,6 +17,7 @@ from sqlalchemy import Dialect, Select, bindparam, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.job_cache import JobAnswerCache
 from app.job_events import JobEvents
 from app.models import Artifact, Job
 
@@ -103,8 +104,23 @@ async def _fetch(engine: AsyncEngine, tenant_id: uuid.UUID, job_id: uuid.UUID) -
             raise OperationalError(_psycopg_sql(engine.dialect), None, exc) from exc
 
 
-async def read(engine: AsyncEngine, tenant_id: uuid.UUID, job_id: uuid.UUID) -> JobView | None:
-    """The job as API.md shows it, in one query (job LEFT JOIN artifacts); None when this tenant has no such job."""
+async def read(engine: AsyncEngine, tenant_id: uuid.UUID, job_id: uuid.UUID,
+               cache: JobAnswerCache | None = None) -> JobView | None:
+    """The job as API.md shows it, in one query (job LEFT JOIN artifacts), or from `cache` while it holds
+    the current answer; None when this tenant has no such job."""
+    if cache is None:
+        return await _read(engine, tenant_id, job_id)
+    if (cached := cache.get(tenant_id, job_id)) is not None:
+        return cached
+    stamp, view = cache.begin(job_id), None
+    try:
+        view = await _read(engine, tenant_id, job_id)
+    finally:
+        cache.end(job_id, stamp, tenant_id, view)
+    return view
+
+
+async def _read(engine: AsyncEngine, tenant_id: uuid.UUID, job_id: uuid.UUID) -> JobView | None:
     rows = await _fetch(engine, tenant_id, job_id)
     if not rows:
         return None
@@ -132,7 +148,7 @@ async def wait_for_change(engine: AsyncEngine, events: JobEvents, tenant_id: uui
     while True:
         # Watch before reading, so that a change committed right after the read still wakes this loop.
         with events.watch(job_id) as changed:
-            view = await read(engine, tenant_id, job_id)
+            view = await read(engine, tenant_id, job_id, events.answers)
             if view is None:
                 return None
             if known_etag is None:

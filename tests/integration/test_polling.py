@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -159,3 +160,44 @@ def test_uploads_do_not_hold_a_connection_while_the_body_streams(service: Servic
     finally:
         for sock in socks:
             sock.close()
+
+
+def test_a_cached_poll_answer_goes_stale_only_until_the_change_is_notified(service: Service, job: dict) -> None:
+    """Polls of an unchanged job are answered from memory (app/job_cache.py); a change written by anyone, here
+    plain SQL from outside, reaches the next polls as soon as PostgreSQL's notification arrives."""
+    from sqlalchemy import create_engine, text
+
+    client, path = service.client("pollers"), f"/v1/jobs/{job['id']}"
+    before = [client.get(path) for _ in range(3)]
+    assert {r.headers["etag"] for r in before} == {before[0].headers["etag"]}
+    engine = create_engine(service.env["QUANTSERVE_DATABASE_URL"])
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE jobs SET labels = CAST(:labels AS JSONB) WHERE id = :id"),
+                         {"labels": '{"cache": "changed"}', "id": job["id"]})
+        deadline, seen = time.monotonic() + 5, None
+        while time.monotonic() < deadline:
+            seen = client.get(path)
+            if seen.json()["labels"] == {"cache": "changed"}:
+                break
+            time.sleep(0.02)
+        assert seen is not None and seen.json()["labels"] == {"cache": "changed"}, "the change never showed"
+        assert seen.headers["etag"] != before[0].headers["etag"]
+        # another tenant still gets 404, never the cached answer
+        assert service.client("not-pollers").get(path).status_code == 404
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE jobs SET labels = CAST(:labels AS JSONB) WHERE id = :id"),
+                         {"labels": json.dumps(job["labels"]), "id": job["id"]})
+        engine.dispose()
+
+
+def test_a_poll_right_after_a_cancel_sees_the_cancel(service: Service, model: dict) -> None:
+    client = service.client("pollers")
+    created = submit(client, {"model_id": model["id"], "method": "dynamic"}).json()
+    for _ in range(3):
+        client.get(f"/v1/jobs/{created['id']}")  # cache it, if it is still queued or running
+    cancelled = client.post(f"/v1/jobs/{created['id']}/cancel")
+    assert cancelled.status_code in (200, 409), cancelled.text  # 409: it ended first; then it shows how
+    status = client.get(f"/v1/jobs/{created['id']}").json()["status"]
+    assert status == "cancelled" if cancelled.status_code == 200 else status in ("succeeded", "failed")
