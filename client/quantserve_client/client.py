@@ -27,6 +27,7 @@ __all__ = ["Client", "ApiError", "ClientError", "DownloadError", "JobFailedError
 
 DEFAULT_URL = "http://localhost:8000"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+MAX_WAIT_S = 60  # the longest long poll the API allows (GET /v1/jobs/{id}?wait=N, API.md)
 Row = TypeVar("Row", ModelPublic, DatasetPublic)
 Ref = str | uuid.UUID | BaseModel  # an id, or a model / dataset / job answer that carries one
 
@@ -200,7 +201,8 @@ class Client:
         if on_progress:
             on_progress(current)
         while current.status not in TERMINAL:
-            left = poll_s if deadline is None else min(poll_s, int(deadline - time.monotonic()))
+            poll = min(poll_s, MAX_WAIT_S)
+            left = poll if deadline is None else min(poll, int(deadline - time.monotonic()))
             if left <= 0:
                 raise ClientError(f"job {job_id} is still {current.status} after {timeout_s:.0f} s")
             asked = time.monotonic()

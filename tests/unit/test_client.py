@@ -3,10 +3,13 @@ what is safe to repeat (real sockets, a real closed port; only the sleep between
 
 from __future__ import annotations
 
+import ast
+import re
 import socket
 import subprocess
 import sys
 import threading
+import tomllib
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -16,7 +19,7 @@ from app import schemas as server_schemas
 from quantserve_client import schemas as client_schemas
 from quantserve_client.http import Transport, retry_after_s
 from quantserve_client.transfer import safe_filename
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port
 
 SERVER_MODULES = ("app", "worker", "fastapi", "sqlalchemy", "celery", "starlette", "torch", "numpy", "onnxruntime")
 
@@ -110,3 +113,42 @@ def test_a_lost_answer_is_retried_for_a_read_but_never_for_an_upload() -> None:
         assert server.connections == 4 and len(slept) == 2
     finally:
         server.sock.close()
+
+
+def test_the_client_package_needs_only_the_standard_library_httpx_pydantic_and_rich() -> None:
+    # What client/pyproject.toml declares is all it may import: a clean venv with those three must be enough.
+    declared = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]["dependencies"]
+    allowed = {re.split(r"[<>=!~ \[]", d, maxsplit=1)[0] for d in declared}
+    assert allowed == {"httpx", "pydantic", "rich"}
+    imported = set()
+    for path in (ROOT / "client" / "quantserve_client").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    outside = imported - set(sys.stdlib_module_names) - allowed - {"quantserve_client"}
+    assert not outside, f"quantserve_client imports {sorted(outside)}, which client/pyproject.toml does not install"
+
+
+@pytest.mark.slow
+def test_the_client_installs_and_runs_in_a_clean_venv(tmp_path) -> None:
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(ROOT / "client")], check=True, timeout=600)
+    installed = subprocess.run([str(venv / "bin" / "pip"), "list", "--format=freeze"], capture_output=True,
+                               text=True, check=True).stdout.lower()
+    assert not {"torch", "fastapi", "sqlalchemy", "celery"} & {line.split("==")[0] for line in installed.split()}
+    usage = subprocess.run([str(venv / "bin" / "quantserve"), "--help"], capture_output=True, text=True, check=True)
+    assert "{submit,download,jobs}" in usage.stdout
+
+
+def test_the_servers_quantserve_lists_the_client_commands_and_hands_them_over(capsys) -> None:
+    from app import cli
+
+    assert {"submit", "download", "jobs"} <= set(cli.build_parser().format_help().split("{", 1)[1].split("}")[0]
+                                                 .split(","))
+    with pytest.raises(SystemExit) as done:
+        cli.main(["submit", "--help"])
+    assert done.value.code == 0
+    assert "--calibration DATASET" in capsys.readouterr().out  # the client's own parser answered
