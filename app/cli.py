@@ -33,6 +33,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     upgrade(settings.effective_database_url)
     print("database is at the latest migration")
+    if settings.storage_url and settings.storage_url.startswith("s3://"):
+        from app.storage_s3 import S3Storage
+
+        # Provisioning, like the schema: the API and workers then only read and write objects.
+        created = S3Storage.from_url(settings.storage_url, spool_dir=settings.data_dir / "spool").ensure_bucket()
+        print(f"bucket {'created' if created else 'exists'}: {settings.storage_url}")
     return 0
 
 

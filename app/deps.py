@@ -10,14 +10,14 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from app.settings import Settings
-from app.storage import LocalStorage
+from app.storage import Storage
 
 
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_storage(request: Request) -> LocalStorage:
+def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
@@ -36,7 +36,7 @@ def get_session(request: Request, _admitted: Annotated[None, Depends(admit, scop
 # scope="function": commit before the response is sent, so a client that polls at once finds the row.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-StorageDep = Annotated[LocalStorage, Depends(get_storage)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
 
 
 async def get_tenant(request: Request) -> uuid.UUID:

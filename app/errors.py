@@ -85,6 +85,10 @@ class UnavailableError(QuantserveError):
         super().__init__(detail, headers={"Retry-After": str(retry_after)})
 
 
+class StoreUnavailableError(UnavailableError):
+    """The object store is unreachable or refuses us: an outage or a setting to fix, never a 500."""
+
+
 class SizeLimitExceededError(Exception):
     """A file being stored grew past its byte limit. Not an HTTP answer by itself: the upload layer turns it
     into a PayloadTooLargeError that names the setting behind the limit."""

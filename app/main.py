@@ -20,7 +20,7 @@ from app.db import SYNC_POOL_CAPACITY, make_async_engine, make_engine, make_sess
 from app.job_events import JobEvents
 from app.routes import jobs, reports, system, uploads
 from app.settings import Settings
-from app.storage import LocalStorage
+from app.storage import open_storage
 from worker.celery_app import create_celery
 
 
@@ -115,7 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.incidents = incidents
         app.state.admission = Admission(SYNC_POOL_CAPACITY, settings.db_pool_timeout_s, incidents)
         app.state.job_events = job_events = JobEvents(settings.effective_database_url)
-        app.state.storage = LocalStorage(settings.storage_dir)
+        app.state.storage = open_storage(settings)
         app.state.publisher = publisher
         job_events.start()
         try:

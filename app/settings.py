@@ -16,6 +16,11 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path(".quantserve"), description="Artifacts, and the embedded database/broker.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in data_dir.")
     broker_url: str | None = Field(None, description="Celery broker URL; default: SQLite-backed, in data_dir.")
+    storage_url: str | None = Field(None, description="s3://bucket/prefix for an S3-compatible store (endpoint, "
+                                    "region and credentials from the AWS_* variables, e.g. AWS_ENDPOINT_URL); "
+                                    "default: the folder data_dir/store.")
+    storage_public_endpoint: str | None = Field(None, description="The S3 endpoint as clients outside see it, for "
+                                                "the presigned URLs of ?redirect=1; default: AWS_ENDPOINT_URL.")
     broker_key_prefix: str = Field("", description="Prefix of every Redis key, to share one Redis safely.")
     max_upload_bytes: int = Field(2 * 1024**3, description="Largest model or dataset upload.")
     max_dataset_bytes: int = Field(4 * 1024**3, description="Largest decompressed dataset (zip-bomb guard).")

@@ -35,6 +35,7 @@ async def receive_raw(request: Request, pending: PendingFile) -> None:
     try:
         async for chunk in request.stream():
             pending.write(chunk)
+            await pending.drain()  # an S3 store sends a full part, off the event loop
     except SizeLimitExceededError as exc:
         raise _too_large(exc.limit) from None
     except ClientDisconnect:
@@ -113,6 +114,7 @@ async def receive_multipart(request: Request, pending: PendingFile) -> tuple[dic
     try:
         async for chunk in request.stream():
             parser.write(chunk)
+            await pending.drain()
         parser.finalize()
     except SizeLimitExceededError as exc:
         raise _too_large(exc.limit) from None

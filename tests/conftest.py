@@ -153,6 +153,52 @@ def service(pg_database: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     stop(svc.worker)
 
 
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - tests.s3server.S3Server
+    """A real S3 server (SeaweedFS) for the whole run; each user makes its own bucket."""
+    from tests.s3server import seaweedfs
+
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs"), tmp_path_factory.mktemp("logs") / "weed.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_service(s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """The production topology with its artifacts in S3: API and worker reach SeaweedFS through a proxy that a
+    test can cut (s3_service.s3_proxy), and share no folder."""
+    import redis
+
+    from tests.integration.tcp_proxy import TcpProxy
+
+    proxy = TcpProxy("127.0.0.1", int(s3_server.endpoint.rsplit(":", 1)[1]))
+    proxy.start()
+    bucket = s3_server.new_bucket()
+    db_index = 12
+    redis.Redis.from_url(f"{REDIS_URL}/{db_index}").flushdb()
+    with fresh_pg_database() as database_url:
+        data_dir = tmp_path_factory.mktemp("quantserve-s3-api")
+        env = {**service_env(database_url, f"{REDIS_URL}/{db_index}", data_dir), **s3_server.env(bucket),
+               "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"}
+        logs = tmp_path_factory.mktemp("logs-s3")
+        worker_dir = tmp_path_factory.mktemp("quantserve-s3-worker")  # the worker's own scratch, not the API's
+        worker = start_worker({**env, "QUANTSERVE_DATA_DIR": str(worker_dir)}, logs, f"s3worker-{uuid.uuid4().hex[:6]}")
+        api, base = start_api(env, logs)
+        svc = Service(base, env, data_dir, api, worker, logs)
+        svc.s3_bucket, svc.s3_server, svc.s3_proxy = bucket, s3_server, proxy  # type: ignore[attr-defined]
+        try:
+            yield svc
+        finally:
+            stop(api)
+            stop(worker)
+            proxy.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_service(request: pytest.FixtureRequest) -> Service:
+    """The integration core runs once on the local folder and once on S3."""
+    return request.getfixturevalue("service" if request.param == "local" else "s3_service")
+
+
 def wait_for(client: httpx.Client, path: str, *, until: tuple[str, ...], timeout: float = 180.0) -> dict:
     """Poll a resource until its status is one of `until`; fail with the last body otherwise."""
     deadline = time.monotonic() + timeout

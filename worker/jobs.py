@@ -33,9 +33,10 @@ def scratch_dir(rt: Runtime, name: str) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _validate(rt: Runtime, row_type: type[Model] | type[Dataset], row_id: uuid.UUID, request: dict[str, Any],
-              label: str) -> None:
+def _validate(rt: Runtime, row_type: type[Model] | type[Dataset], row_id: uuid.UUID, key: str,
+              request: dict[str, Any], label: str) -> None:
     with scratch_dir(rt, f"validate-{row_id}") as work:
+        request["path"] = str(rt.storage.fetch(key, work / "inputs" / "original"))
         try:
             result = sandbox.run(request, work, time_limit_s=600, memory_limit_mb=rt.settings.job_memory_limit_mb,
                                  max_file_bytes=rt.settings.engine_file_limit_bytes)
@@ -54,9 +55,8 @@ def validate_model(rt: Runtime, model_id: uuid.UUID) -> None:
         model = session.get(Model, model_id)
         if model is None or model.status != "validating":
             return
-        request = {"op": "inspect_model", "path": str(rt.storage.local_path(model.storage_key)),
-                   "format": model.format}
-    _validate(rt, Model, model_id, request, "model")
+        key, request = model.storage_key, {"op": "inspect_model", "format": model.format}
+    _validate(rt, Model, model_id, key, request, "model")
 
 
 def validate_dataset(rt: Runtime, dataset_id: uuid.UUID) -> None:
@@ -64,9 +64,9 @@ def validate_dataset(rt: Runtime, dataset_id: uuid.UUID) -> None:
         dataset = session.get(Dataset, dataset_id)
         if dataset is None or dataset.status != "validating":
             return
-        request = {"op": "inspect_dataset", "path": str(rt.storage.local_path(dataset.storage_key)),
-                   "kind": dataset.kind, "max_bytes": rt.settings.max_dataset_bytes}
-    _validate(rt, Dataset, dataset_id, request, "dataset")
+        key = dataset.storage_key
+        request = {"op": "inspect_dataset", "kind": dataset.kind, "max_bytes": rt.settings.max_dataset_bytes}
+    _validate(rt, Dataset, dataset_id, key, request, "dataset")
 
 
 class _Progress:
@@ -102,10 +102,13 @@ def run_job(rt: Runtime, job_id: uuid.UUID, worker: str) -> None:
         return
     progress = _Progress(rt, claim)
     with scratch_dir(rt, f"job-{job_id}") as work:
-        request = {"op": "quantize", "model_path": str(rt.storage.local_path(claim.model_key)),
+        # An S3 store: inputs are downloaded to scratch (a local store is read in place).
+        inputs = work / "inputs"
+        request = {"op": "quantize", "model_path": str(rt.storage.fetch(claim.model_key, inputs / "model")),
                    "format": claim.model_format, "method": claim.method, "config": claim.config,
                    "device": claim.device, "model_name": artifact_stem(claim.model_name), "work_dir": str(work / "out"),
-                   "datasets": {role: str(rt.storage.local_path(key)) for role, key in claim.dataset_keys.items()}}
+                   "datasets": {role: str(rt.storage.fetch(key, inputs / role))
+                                for role, key in claim.dataset_keys.items()}}
         started = time.monotonic()
         try:
             result = sandbox.run(

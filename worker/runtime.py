@@ -10,14 +10,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.broker import OutboxRelay, Publisher
 from app.db import make_engine, make_session_factory
 from app.settings import Settings, get_settings
-from app.storage import LocalStorage
+from app.storage import Storage, open_storage
 
 
 @dataclass(frozen=True)
 class Runtime:
     settings: Settings
     session_factory: sessionmaker[Session]
-    storage: LocalStorage
+    storage: Storage
     relay: OutboxRelay
 
 
@@ -30,4 +30,4 @@ def runtime() -> Runtime:
     relay = OutboxRelay(factory, Publisher(celery_app))
     relay.install()
     settings.scratch_dir.mkdir(parents=True, exist_ok=True)
-    return Runtime(settings, factory, LocalStorage(settings.storage_dir), relay)
+    return Runtime(settings, factory, open_storage(settings), relay)

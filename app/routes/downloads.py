@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Iterator
+from typing import Annotated, BinaryIO
 from urllib.parse import quote
 
-from fastapi import Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi import Query, Request, Response
+from fastapi.responses import RedirectResponse, StreamingResponse
 
 from app.errors import RangeNotSatisfiableError
 from app.names import is_forbidden
@@ -18,9 +19,12 @@ CHUNK = 1024 * 1024
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
-def _stream(storage: Storage, key: str, start: int, length: int) -> Iterator[bytes]:
-    with storage.open(key) as fh:
-        fh.seek(start)
+Redirect = Annotated[bool, Query(description="With an S3 store: answer 307 to a presigned URL of the bytes, "
+                                            "valid for minutes, instead of streaming them through the API")]
+
+
+def _stream(fh: BinaryIO, length: int) -> Iterator[bytes]:
+    with fh:
         remaining = length
         while remaining > 0:
             chunk = fh.read(min(CHUNK, remaining))
@@ -80,12 +84,15 @@ def _ascii_fallback(name: str) -> str:
 
 
 def file_response(request: Request, storage: Storage, key: str, *, size: int, sha256: str,
-                  filename: str) -> Response:
+                  filename: str, redirect: bool = False) -> Response:
     etag = f'"{sha256}"'
     headers = {"ETag": etag, "Accept-Ranges": "bytes", "Content-Disposition": content_disposition(filename)}
     if_none_match = request.headers.get("if-none-match")
     if if_none_match and (if_none_match.strip() == "*" or etag in [t.strip() for t in if_none_match.split(",")]):
         return Response(status_code=304, headers=headers)
+    # The client follows the redirect with its own Range header, which the store answers (206) itself.
+    if redirect and (url := storage.presign(key, disposition=headers["Content-Disposition"])) is not None:
+        return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
     byte_range = None
     range_header = request.headers.get("range")
     if_range = request.headers.get("if-range")
@@ -93,10 +100,12 @@ def file_response(request: Request, storage: Storage, key: str, *, size: int, sh
         byte_range = _parse_range(range_header, size)
     if byte_range is None:
         headers["Content-Length"] = str(size)
-        return StreamingResponse(_stream(storage, key, 0, size), media_type="application/octet-stream",
-                                 headers=headers)
+        # Opened here, not in the generator: a store outage is still a 503 before any header is sent.
+        return StreamingResponse(_stream(storage.open_range(key, 0, size), size),
+                                 media_type="application/octet-stream", headers=headers)
     start, end = byte_range
     headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-    headers["Content-Length"] = str(end - start + 1)
-    return StreamingResponse(_stream(storage, key, start, end - start + 1), status_code=206,
+    length = end - start + 1
+    headers["Content-Length"] = str(length)
+    return StreamingResponse(_stream(storage.open_range(key, start, length), length), status_code=206,
                              media_type="application/octet-stream", headers=headers)

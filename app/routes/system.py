@@ -38,6 +38,11 @@ def readyz(request: Request) -> Response:
         checks["broker"] = "ok"
     except Exception as exc:
         checks["broker"] = f"unreachable: {exc.__class__.__name__}"
+    try:
+        request.app.state.storage.check()
+        checks["storage"] = "ok"
+    except Exception as exc:  # the store's own message says what to fix (bucket, credentials, endpoint)
+        checks["storage"] = f"unavailable: {exc}"
     ok = all(v == "ok" for v in checks.values())
     if ok:
         return JSONResponse({"status": "ready", "checks": checks})
@@ -80,6 +85,7 @@ def capabilities_document(live_workers: list[Worker] | None = None) -> dict[str,
             "dtypes": list(spec.dtypes), "devices": sorted(d.value for d in spec.devices),
             "options": spec.config_model.model_json_schema(), "status": spec.status.value,
             "needs_calibration": spec.needs_calibration, "needs_training": spec.needs_training,
+            "supports_target": spec.supports_target, "target_metrics": list(spec.target_metrics),
         }
     devices = sorted({d.value for s in SPECS.values() for d in s.devices})
     live = workers.live_devices(live_workers or [])

@@ -15,9 +15,10 @@ from starlette.concurrency import run_in_threadpool
 
 from app.db import transaction
 from app.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from app.ids import uuid7
 from app.models import Dataset, Model
 from app.names import MAX_NAME_CHARS, Name, check_name
-from app.routes.downloads import file_response
+from app.routes.downloads import Redirect, file_response
 from app.schemas import DatasetPublic, ModelPublic, Page
 from app.services import uploads
 from app.services.common import paginate, tenant_get, tenant_select
@@ -28,7 +29,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"description": d, "content": {"application/problem+json": {}}}
     for code, d in ((400, "Malformed"), (401, "No key"), (404, "Not found"), (409, "In use"),
                     (413, "Too large"), (415, "Unsupported format"), (422, "Invalid"),
-                    (503, "Database unreachable or saturated; with Retry-After"))
+                    (503, "Database or object store unreachable, or saturated; with Retry-After"))
 }
 Limit = Annotated[int, Query(ge=1, le=200)]
 DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -55,7 +56,9 @@ def build_router(noun: str, row_type: type[Model] | type[Dataset], public: type,
         """Stream the body to disk holding no thread and no connection (a 1 GiB upload takes seconds), then
         detect the format and insert the row in one short transaction, in the threadpool."""
         check_declared_length(request, settings.max_upload_bytes)
-        with pending_upload(storage, settings.max_upload_bytes) as pending:
+        row_id = uuid7()
+        key = uploads.upload_key(noun, row_id)
+        with pending_upload(storage, settings.max_upload_bytes, key) as pending:
             if raw:
                 fields, filename = {}, None
                 await receive_raw(request, pending)
@@ -65,9 +68,14 @@ def build_router(noun: str, row_type: type[Model] | type[Dataset], public: type,
             pending.close()  # flush: format detection reads the file from disk
 
             def detect_and_insert() -> Any:
-                with transaction(request.app.state.session_factory) as session:
-                    return create(session, storage, tenant_id, pending, name=name, filename=filename,
-                                  declared=declared)
+                try:
+                    with transaction(request.app.state.session_factory) as session:
+                        return create(session, storage, tenant_id, pending, row_id=row_id, name=name,
+                                      filename=filename, declared=declared)
+                except BaseException:
+                    if pending.committed:  # the object is stored but its row never committed: remove it
+                        storage.delete(key)
+                    raise
 
             async with request.app.state.admission.slot():
                 row = await run_in_threadpool(detect_and_insert)
@@ -119,9 +127,9 @@ datasets_router = build_router("dataset", Dataset, DatasetPublic, "kind", upload
 
 @models_router.get("/{model_id}/download", response_class=StreamingResponse, responses=DOWNLOAD_RESPONSES)
 def download_model(model_id: uuid.UUID, request: Request, session: SessionDep, tenant_id: TenantDep,
-                   storage: StorageDep) -> Response:
+                   storage: StorageDep, redirect: Redirect = False) -> Response:
     model = tenant_get(session, Model, tenant_id, model_id, what="model")
     suffix = {"onnx": ".onnx", "torchscript": ".pt", "torch_export": ".pt2", "hf": ".zip"}.get(model.format, "")
     filename = model.name if model.name.endswith(suffix) else model.name + suffix
     return file_response(request, storage, model.storage_key, size=model.size_bytes, sha256=model.sha256,
-                         filename=filename)
+                         filename=filename, redirect=redirect)

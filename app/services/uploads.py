@@ -10,10 +10,9 @@ from sqlalchemy.orm import Session
 
 from app.broker import enqueue
 from app.errors import ConflictError, UnsupportedFormatError, ValidationFailedError
-from app.ids import uuid7
 from app.models import Dataset, Job, Model
 from app.names import default_name
-from app.storage import LocalStorage, PendingFile
+from app.storage import PendingFile, Storage
 from worker import task_names
 from worker.engine.errors import UnknownFormatError
 from worker.engine.formats.detect import detect_dataset_kind, detect_model_format
@@ -22,8 +21,13 @@ from worker.engine.types import ModelFormat
 ACTIVE_JOB_STATES = ("queued", "running")
 
 
-def create_model(session: Session, storage: LocalStorage, tenant_id: uuid.UUID, pending: PendingFile, *,
-                 name: str | None, filename: str | None, declared: str | None) -> Model:
+def upload_key(noun: str, row_id: uuid.UUID) -> str:
+    """Where an uploaded model or dataset lives in the store."""
+    return f"{noun}s/{row_id}/original"
+
+
+def create_model(session: Session, storage: Storage, tenant_id: uuid.UUID, pending: PendingFile, *,
+                 row_id: uuid.UUID, name: str | None, filename: str | None, declared: str | None) -> Model:
     try:
         detected = detect_model_format(pending.path)
     except UnknownFormatError as exc:
@@ -37,10 +41,10 @@ def create_model(session: Session, storage: LocalStorage, tenant_id: uuid.UUID, 
                 errors=[{"loc": ["query", "format"], "msg": "unknown format"}]) from None
         if declared_format != detected:
             raise UnsupportedFormatError(f"the bytes are a {detected.value} model, not {declared_format.value}")
-    model_id = uuid7()
+    model_id = row_id  # chosen with the upload, so an S3 upload is written at its final key (upload_key)
     model = Model(id=model_id, tenant_id=tenant_id, name=name or default_name(filename, "model"),
                   format=detected.value, size_bytes=pending.size, sha256=pending.sha256,
-                  storage_key=f"models/{model_id}/original")
+                  storage_key=upload_key("model", model_id))
     session.add(model)
     session.flush()  # the row first: if it cannot be written, no file is left in the store
     storage.commit(pending, model.storage_key)
@@ -48,18 +52,18 @@ def create_model(session: Session, storage: LocalStorage, tenant_id: uuid.UUID, 
     return model
 
 
-def create_dataset(session: Session, storage: LocalStorage, tenant_id: uuid.UUID, pending: PendingFile, *,
-                   name: str | None, filename: str | None, declared: str | None) -> Dataset:
+def create_dataset(session: Session, storage: Storage, tenant_id: uuid.UUID, pending: PendingFile, *,
+                   row_id: uuid.UUID, name: str | None, filename: str | None, declared: str | None) -> Dataset:
     try:
         kind = detect_dataset_kind(pending.path)
     except UnknownFormatError as exc:
         raise UnsupportedFormatError(str(exc)) from None
     if declared and declared != kind.value:
         raise UnsupportedFormatError(f"the bytes are a {kind.value} dataset, not {declared}")
-    dataset_id = uuid7()
+    dataset_id = row_id
     dataset = Dataset(id=dataset_id, tenant_id=tenant_id, name=name or default_name(filename, "dataset"),
                       kind=kind.value, size_bytes=pending.size, sha256=pending.sha256,
-                      storage_key=f"datasets/{dataset_id}/original")
+                      storage_key=upload_key("dataset", dataset_id))
     session.add(dataset)
     session.flush()
     storage.commit(pending, dataset.storage_key)

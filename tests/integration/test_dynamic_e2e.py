@@ -39,14 +39,14 @@ def _save(fmt: str, model: torch.nn.Module, example: torch.Tensor, path: Path) -
 
 
 @pytest.mark.parametrize("fmt,suffix", [("onnx", ".onnx"), ("torchscript", ".pt"), ("torch_export", ".pt2")])
-def test_dynamic_job_gives_smaller_model_close_to_float(service: Service, tmp_path: Path, fmt: str,
+def test_dynamic_job_gives_smaller_model_close_to_float(any_service: Service, tmp_path: Path, fmt: str,
                                                         suffix: str) -> None:
     mlp = models.train_digits_mlp()
     _, _, x_test, y_test = models.digits_data()
     model_path = _save(fmt, mlp, torch.from_numpy(x_test[:2]), tmp_path / f"digits-mlp{suffix}")
     eval_path = models.save_npz(tmp_path / "eval.npz", x=x_test, labels=y_test)
 
-    client = service.client()
+    client = any_service.client()  # the local folder and an S3 store
     model = upload_model(client, model_path)
     assert model["status"] == "ready", model["error"]
     assert model["format"] == fmt

@@ -46,3 +46,21 @@ def test_uuid7_is_version_7_and_strictly_increasing() -> None:
     ids = [uuid7() for _ in range(20000)]
     assert all(i.version == 7 for i in ids[:10])
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+def test_the_storage_url_picks_the_store(tmp_path: Path) -> None:
+    from app.settings import Settings
+    from app.storage import open_storage
+    from app.storage_s3 import S3Storage
+
+    assert isinstance(open_storage(Settings(data_dir=tmp_path)), LocalStorage)
+    assert open_storage(Settings(data_dir=tmp_path, storage_url=f"file://{tmp_path}/elsewhere")).root == (
+        tmp_path / "elsewhere").resolve()
+    s3 = open_storage(Settings(data_dir=tmp_path, storage_url="s3://my-bucket/some/prefix/"))
+    assert isinstance(s3, S3Storage) and (s3.bucket, s3.prefix) == ("my-bucket", "some/prefix")
+    assert s3._key("models/a/original") == "some/prefix/models/a/original"
+    for bad in ("s3://ab/x", "gs://bucket/x", "/plain/path"):
+        with pytest.raises(ValueError):
+            open_storage(Settings(data_dir=tmp_path, storage_url=bad))
+    with pytest.raises(ValueError):
+        s3._key("../other-tenant/x")
