@@ -146,7 +146,7 @@ def _store_results(rt: Runtime, claim: lifecycle.Claim, result: dict[str, Any], 
         key = f"{prefix}/{filename}"
         size, sha256 = rt.storage.put_file(path, key)
         stored.append(lifecycle.StoredArtifact(kind, filename, fmt, size, sha256, key))
-    if not lifecycle.finish(rt.session_factory, claim, stored, result["metrics"]):
+    if not lifecycle.finish(rt.session_factory, claim, stored, result["metrics"], error=result.get("error")):
         rt.storage.delete_prefix(prefix)  # this attempt lost the job (cancelled or reaped): keep nothing
 
 

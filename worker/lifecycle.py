@@ -105,15 +105,18 @@ class StoredArtifact:
 
 
 def finish(factory: sessionmaker[Session], claim_: Claim, artifacts: list[StoredArtifact],
-           metrics: dict[str, Any]) -> bool:
-    """Artifacts, metrics and status in one transaction; False if this attempt no longer owns the job."""
+           metrics: dict[str, Any], *, error: dict[str, Any] | None = None) -> bool:
+    """Artifacts, metrics and status in one transaction; False if this attempt no longer owns the job.
+
+    With `error` (target_not_met) the job fails, and its artifacts (the best candidate) and metrics stay."""
     with transaction(factory) as session:
         job = session.get(Job, claim_.job_id)
         now = utcnow()
         size, fidelity, latency = (metrics.get(k) or {} for k in ("size", "fidelity", "latency"))
         started = job.started_at if job and job.started_at else now
         result = session.execute(update(Job).where(*_mine(claim_.job_id, claim_.attempt)).values(
-            status="succeeded", stage=None, progress=1.0, finished_at=now, lease_until=None, metrics=metrics,
+            status="failed" if error else "succeeded", error=error, stage=None, progress=1.0, finished_at=now,
+            lease_until=None, metrics=metrics,
             duration_s=round((now - started).total_seconds(), 3),
             original_bytes=size.get("original_bytes"), quantized_bytes=size.get("quantized_bytes"),
             size_ratio=size.get("ratio"), sqnr_db=fidelity.get("sqnr_db"), cosine=fidelity.get("cosine"),
@@ -123,7 +126,8 @@ def finish(factory: sessionmaker[Session], claim_: Claim, artifacts: list[Stored
         session.add_all(Artifact(tenant_id=claim_.tenant_id, job_id=claim_.job_id, kind=a.kind, filename=a.filename,
                                  format=a.format, size_bytes=a.size_bytes, sha256=a.sha256,
                                  storage_key=a.storage_key) for a in artifacts)
-        session.add(JobLog(job_id=claim_.job_id, level="info", message="succeeded"))
+        session.add(JobLog(job_id=claim_.job_id, level="error" if error else "info",
+                           message=f"failed ({error['code']}): {error['message']}" if error else "succeeded"))
         return True
 
 

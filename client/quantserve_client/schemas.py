@@ -124,6 +124,8 @@ class MethodCapability(BaseModel):
     status: str
     needs_calibration: bool
     needs_training: bool
+    supports_target: bool = Field(False, description="config.target is honoured (metrics.sensitivity, metrics.target).")
+    target_metrics: list[str] = Field(default_factory=list, description="The target metrics this method measures.")
 
 
 class FormatCapability(BaseModel):

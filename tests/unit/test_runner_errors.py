@@ -89,8 +89,8 @@ def test_engine_codes_fold_into_public_codes_and_keep_the_fine_one_as_reason() -
     assert runner.public_error("dataset_mismatch", "m") == {"code": "invalid_input", "message": "m",
                                                             "reason": "dataset_mismatch"}
     assert runner.public_error("engine_error", "m")["code"] == "engine_error"
-    assert runner.JOB_ERROR_CODES == {"invalid_input", "unsupported", "engine_error", "timeout", "out_of_memory",
-                                      "worker_lost", "internal"}
+    assert runner.JOB_ERROR_CODES == {"invalid_input", "unsupported", "engine_error", "target_not_met", "timeout",
+                                      "out_of_memory", "worker_lost", "internal"}
 
 
 def test_readme_explains_every_job_error_code() -> None:

@@ -8,11 +8,28 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+class TargetConfig(BaseModel):
+    """An accuracy target: the job keeps its most sensitive layers at higher precision until it holds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: Literal["accuracy", "top1_agreement", "cosine", "perplexity"] = Field(
+        "accuracy", description="accuracy: top-1 against the dataset's labels; top1_agreement and cosine: "
+        "against the float model's outputs (cosine: the worst output's mean); perplexity: causal LMs on text.")
+    max_drop: float = Field(0.01, ge=0.0, le=100.0, description="Largest allowed loss against the float model "
+                            "(a rise, for perplexity): absolute, or a share of the float figure when relative.")
+    relative: bool = Field(False, description="max_drop is a share of the float model's figure (0.01 = 1%).")
+    budget_s: float = Field(600.0, gt=0.0, le=7200.0, description="Seconds the search for a faithful "
+                            "candidate may take; past it the job fails as target_not_met with its best candidate.")
+
+
 class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = 1
     exclude: tuple[str, ...] = Field((), description="Regexes over layer names; matches stay float.")
+    target: TargetConfig | None = Field(None, description="An accuracy target (capabilities: supports_target); "
+                                        "metrics.target reports what was kept at higher precision and its cost.")
 
     @field_validator("exclude")
     @classmethod

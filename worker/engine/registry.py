@@ -31,17 +31,32 @@ class MethodSpec(NamedTuple):
     # What this backend cannot do within the shared config on a device: (config, device) -> [(field, why)],
     # checked before queueing. Written per device where the backends differ (torch.export int4 on cuda).
     option_limits: Callable[[Any, Device], list[tuple[str, str]]] | None = None
+    # config.target is honoured: the job measures per-layer sensitivity and keeps layers at higher precision
+    supports_target: bool = False
+    target_metrics: tuple[str, ...] = ()
 
     def config_problems(self, config: MethodConfig, device: Device | str | None = None) -> list[tuple[str, str]]:
         """What `config` asks of this pair that the backend cannot do on `device`. Without a device: only
         the fields that no device of this pair can serve (a caller that does not know the device yet)."""
+        problems = self._target_problems(config)
         if self.option_limits is None:
-            return []
+            return problems
         if device is not None:
-            return self.option_limits(config, Device(device))
+            return problems + self.option_limits(config, Device(device))
         per_device = [self.option_limits(config, d) for d in sorted(self.devices)]
-        everywhere = set.intersection(*({field for field, _ in problems} for problems in per_device))
-        return [(field, why) for field, why in per_device[0] if field in everywhere]
+        everywhere = set.intersection(*({field for field, _ in found} for found in per_device))
+        return problems + [(field, why) for field, why in per_device[0] if field in everywhere]
+
+    def _target_problems(self, config: MethodConfig) -> list[tuple[str, str]]:
+        if config.target is None:
+            return []
+        if not self.supports_target:
+            offered = ", ".join(f"{s.format}/{s.method}" for s in SPECS.values() if s.supports_target)
+            return [("target", f"{self.format}/{self.method} does not take a target yet; offered for: {offered}")]
+        if config.target.metric not in self.target_metrics:
+            return [("target.metric", f"{config.target.metric!r} is not measured by {self.format}/{self.method}; "
+                                      f"use one of {', '.join(self.target_metrics)}")]
+        return []
 
     def load_handler(self) -> Callable[..., Any]:
         module_name, _, attr = self.handler.partition(":")
@@ -99,14 +114,17 @@ def _hf_weight_only_limits(config: WeightOnlyConfig, device: Device) -> list[tup
     return []
 
 
+# ONNX classifiers and encoders: no perplexity (that is measured for hf causal LMs on text only)
+_ONNX_TARGET: dict[str, Any] = {"supports_target": True, "target_metrics": ("accuracy", "top1_agreement", "cosine")}
+
 # Written out by hand, one line per backend path that exists and is tested.
 SPECS: Final[Mapping[tuple[ModelFormat, Method], MethodSpec]] = {
     (s.format, s.method): s
     for s in (
         MethodSpec(ModelFormat.onnx, Method.dynamic, DynamicConfig,
-                   "worker.engine.onnx.dynamic:run", _CPU, Status.stable),
+                   "worker.engine.onnx.dynamic:run", _CPU, Status.stable, **_ONNX_TARGET),
         MethodSpec(ModelFormat.onnx, Method.static, StaticConfig,
-                   "worker.engine.onnx.static:run", _CPU, Status.stable, needs_calibration=True),
+                   "worker.engine.onnx.static:run", _CPU, Status.stable, needs_calibration=True, **_ONNX_TARGET),
         MethodSpec(ModelFormat.onnx, Method.weight_only, WeightOnlyConfig,
                    "worker.engine.onnx.weight_only:run", _CPU, Status.stable, dtypes=("int8", "int4"),
                    option_limits=_onnx_weight_only_limits),

@@ -29,8 +29,8 @@ from typing import Any
 
 # The job error codes of API.md; each means one thing (README, "When a job fails"). The engine's finer codes
 # are folded into them and kept as `reason`.
-JOB_ERROR_CODES = {"invalid_input", "unsupported", "engine_error", "timeout", "out_of_memory", "worker_lost",
-                   "internal"}
+JOB_ERROR_CODES = {"invalid_input", "unsupported", "engine_error", "target_not_met", "timeout", "out_of_memory",
+                   "worker_lost", "internal"}
 _FOLDED = {"dataset_mismatch": "invalid_input", "evaluation_failed": "invalid_input",
            "unsupported_format": "invalid_input", "nothing_to_quantize": "unsupported"}
 MAX_OPEN_FILES = 4096  # torch's Inductor compile workers and onnxruntime use a few hundred at most
@@ -180,7 +180,9 @@ def _run(request: dict[str, Any]) -> dict[str, Any]:
         )
         return {"artifacts": [{"kind": a.kind, "path": str(a.path), "filename": a.filename, "format": a.format}
                               for a in result.artifacts],
-                "metrics": result.metrics, "report": result.report}
+                "metrics": result.metrics, "report": result.report,
+                # a failure that still delivers its artifacts (target_not_met): the worker stores both at once
+                "error": None if result.error is None else public_error(result.error["code"], result.error["message"])}
     raise ValueError(f"unknown op {op!r}")
 
 

@@ -90,6 +90,8 @@ class QuantizeResult:
     artifacts: list[ArtifactFile]
     metrics: dict[str, Any]  # the `metrics` object of API.md
     report: dict[str, Any] = field(default_factory=dict)  # extra report.json fields (versions, cpu, ...)
+    # a job that fails with its artifacts still delivered (target_not_met): {"code", "message"}
+    error: dict[str, str] | None = None
 
 
 # Every `stage` a job reports, roughly in the order a job passes them (not every job passes all). README.md

@@ -15,6 +15,7 @@ from worker.engine import metrics as m
 from worker.engine.errors import EngineError
 from worker.engine.onnx import common as onnx_common
 from worker.engine.onnx import deliver, normalize, smoothing, subgraphs
+from worker.engine.onnx import sensitivity as onnx_sensitivity
 from worker.engine.types import ArtifactFile, QuantizeResult
 
 if TYPE_CHECKING:
@@ -184,6 +185,13 @@ def run(ctx: JobContext) -> QuantizeResult:
             tuning[0], scratch=scratch, full_check=normalized.full_check)
         warnings += delivered.warnings
         excluded |= delivered.kept_float
+        chosen_config = delivered.variant.options["config"]
+        integer = _quantized_weights(onnx.load(str(output)))
+        sensed = onnx_sensitivity.analyse(
+            ctx, output=output, model_path=model_path, nodes=nodes, samples=samples, sqnr=sqnr, scratch=scratch,
+            quantized={n.node for n in nodes if n.node not in excluded and any(w in integer for w in n.weights)},
+            requantize=lambda kept, path: _quantize(prepared, path, chosen_config, excluded | kept, reduce_range))
+        excluded |= sensed.kept
 
     quantized = onnx.load(str(output))
     if output.stat().st_size >= original_bytes:
@@ -200,6 +208,9 @@ def run(ctx: JobContext) -> QuantizeResult:
 
     metrics = onnx_common.measure_files(ctx, model_path, output, samples, original_bytes=original_bytes,
                                         layers=layers, warnings=warnings)
+    metrics["sensitivity"] = sensed.report
+    if sensed.target is not None:
+        metrics["target"] = sensed.target
     return QuantizeResult(
         artifacts=[ArtifactFile(kind="model", path=output, filename=output.name, format="onnx")],
         metrics=metrics,
@@ -210,6 +221,7 @@ def run(ctx: JobContext) -> QuantizeResult:
                                  "variant": delivered.variant.label,
                                  "layer_sqnr": smoothing.ESTIMATE_NOTE,
                                  "op_types": list(OP_TYPES), **float_layers}},
+        error=sensed.error,
     )
 
 

@@ -16,6 +16,7 @@ from worker.engine.errors import EngineError
 from worker.engine.onnx import calibration as onnx_calibration
 from worker.engine.onnx import common as onnx_common
 from worker.engine.onnx import deliver, normalize, rewrite, sensitive, speed, static_layers, subgraphs
+from worker.engine.onnx import sensitivity as onnx_sensitivity
 from worker.engine.types import ArtifactFile, QuantizeResult
 
 if TYPE_CHECKING:
@@ -308,9 +309,19 @@ def run(ctx: JobContext) -> QuantizeResult:
             "float_ms_p50": float_ms, "chosen": chosen.label,
             "kept_float_for_speed": sorted(kept_for_speed) if chosen.path == pruned else []}
 
-        ctx.progress("quantizing", 0.7)
+        ctx.progress("quantizing", 0.67)
         quantized = onnx.load(str(output))
         sqnr = static_layers.layer_sqnr(ctx, model, quantized, nodes, checks[:8], scratch)
+        integer = {n.node for n, row in zip(nodes, static_layers.layer_table(nodes, quantized, sqnr), strict=True)
+                   if row["weight_dtype"] != "float32"}
+        sensed = onnx_sensitivity.analyse(
+            ctx, output=output, model_path=model_path, nodes=nodes, quantized=integer, samples=samples, sqnr=sqnr,
+            requantize=lambda kept, path: quantize(path, reduce_range, kept, chosen_config), scratch=scratch)
+        if sensed.kept:  # the target kept layers float: the delivered file changed
+            excluded |= sensed.kept
+            quantized = onnx.load(str(output))
+            sqnr = static_layers.layer_sqnr(ctx, model, quantized, nodes, checks[:8], scratch)
+        ctx.progress("quantizing", 0.7)
     quantize_s = time.monotonic() - started
 
     layers = static_layers.layer_table(nodes, quantized, sqnr)
@@ -319,6 +330,9 @@ def run(ctx: JobContext) -> QuantizeResult:
                                         layers=layers, warnings=warnings)
     if note := speed.slower_than_float_warning(metrics["latency"]["speedup"], chosen, timed):
         metrics["warnings"].append(note)
+    metrics["sensitivity"] = sensed.report
+    if sensed.target is not None:
+        metrics["target"] = sensed.target
     summary.update({
         "pre_processed": normalized.pre_process, "format": "QDQ", "calibration_method": method,
         "opset": {"upload": normalized.original_opset, "quantized": normalized.opset},
@@ -339,4 +353,5 @@ def run(ctx: JobContext) -> QuantizeResult:
         artifacts=[ArtifactFile(kind="model", path=output, filename=output.name, format="onnx")],
         metrics=metrics,
         report={"versions": report.runtime_versions(), "host": host, "onnx_static": summary},
+        error=sensed.error,
     )

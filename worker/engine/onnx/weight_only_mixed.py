@@ -23,6 +23,7 @@ from worker.engine import evaluate
 from worker.engine import metrics as m
 from worker.engine.onnx import common as onnx_common
 from worker.engine.onnx import deliver, validate
+from worker.engine.sensitivity import prefix_steps
 
 if TYPE_CHECKING:
     import onnx
@@ -61,15 +62,6 @@ def tuning_cosine(path: Path, reference: list[list[np.ndarray]], batches: list[d
     """Mean per-sample cosine of the worst output, on the padding-free positions: what the report headlines."""
     runner = onnx_common.load_runner(path, threads=None, ours=True)
     return m.worst_cosine(reference, [evaluate.unpadded(b, runner(b)) for b in batches])[0]
-
-
-def _steps(count: int) -> list[int]:
-    """Prefix lengths to try, growing by half each time: 1, 2, 3, 4, 6, 9, 13, 19, 28, ..."""
-    steps, k = [], 1
-    while k < count:
-        steps.append(k)
-        k = max(k + 1, round(k * 1.5))
-    return [*steps, count] if count else []
 
 
 def promote(ctx: JobContext, build: Build, first: Path, candidates: Mapping[str, int],
@@ -116,7 +108,7 @@ def promote(ctx: JobContext, build: Build, first: Path, candidates: Mapping[str,
         return reached
 
     short = 0  # the longest prefix known to fall short
-    for k in _steps(len(ranked)):
+    for k in prefix_steps(len(ranked)):
         over_budget = sum(candidates[n] for n in ranked[:k]) > budget
         if over_budget:
             break
