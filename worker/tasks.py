@@ -11,6 +11,7 @@ from celery import Task
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from celery.worker.consumer import Consumer
 
+from app.errors import StoreUnavailableError
 from worker import devices, jobs, lifecycle, task_names
 from worker.celery_app import celery_app
 from worker.presence import Presence
@@ -19,12 +20,19 @@ from worker.runtime import runtime
 log = logging.getLogger("quantserve.worker")
 
 
-@celery_app.task(name=task_names.VALIDATE_MODEL)
+# An unreachable object store is transient, and nothing else would ever revisit a `validating` row: retry the
+# validation with backoff (about 10 minutes in all) instead of losing it. A job needs no such rule: its lease
+# expires and the reaper requeues it.
+STORE_RETRY = {"autoretry_for": (StoreUnavailableError,), "retry_backoff": 5, "retry_backoff_max": 120,
+               "max_retries": 8}
+
+
+@celery_app.task(name=task_names.VALIDATE_MODEL, **STORE_RETRY)
 def validate_model(model_id: str) -> None:
     jobs.validate_model(runtime(), UUID(model_id))
 
 
-@celery_app.task(name=task_names.VALIDATE_DATASET)
+@celery_app.task(name=task_names.VALIDATE_DATASET, **STORE_RETRY)
 def validate_dataset(dataset_id: str) -> None:
     jobs.validate_dataset(runtime(), UUID(dataset_id))
 

@@ -182,3 +182,27 @@ def test_an_unreachable_store_is_503_with_retry_after_then_recovers(s3_service: 
     response = client.put("/v1/datasets/upload", content=b'{"text": "hello"}\n')
     assert response.status_code == 201, response.text
     assert httpx.get(s3_service.base_url + "/readyz").json()["checks"]["storage"] == "ok"
+
+
+def test_a_validation_that_finds_the_store_down_is_retried_not_lost(s3_service: Service) -> None:
+    import signal
+    import time
+
+    from tests.conftest import wait_for
+
+    client, proxy = s3_service.client(), s3_service.s3_proxy
+    os.kill(s3_service.worker.pid, signal.SIGSTOP)  # the upload lands, then the worker finds the store down
+    try:
+        response = client.put("/v1/datasets/upload", params={"name": "retried"}, content=b'{"text": "hi"}\n')
+        assert response.status_code == 201, response.text
+        proxy.stop()
+    finally:
+        os.kill(s3_service.worker.pid, signal.SIGCONT)
+    log = next(s3_service.logs.glob("s3worker-*.log"))
+    deadline = time.monotonic() + 30
+    while "StoreUnavailableError" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(0.3)
+    proxy.start()
+    assert "StoreUnavailableError" in log.read_text(errors="replace"), "the worker never met the outage"
+    dataset = wait_for(client, f"/v1/datasets/{response.json()['id']}", until=("ready", "invalid"), timeout=90)
+    assert dataset["status"] == "ready", dataset
