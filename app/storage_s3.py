@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
-import anyio.to_thread
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
@@ -25,6 +26,8 @@ PART_BYTES = 8 * 1024 * 1024
 _CHUNK = 1024 * 1024
 _MISSING = ("NoSuchKey", "404", "NotFound")
 _REFUSED = ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken")
+# Threads that send upload parts, shared by all uploads of this process; a part waits when all are busy.
+_SENDERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="s3-part")
 _BUSY = ("SlowDown", "ServiceUnavailable", "RequestTimeout", "InternalError", "503", "500")
 
 
@@ -203,43 +206,57 @@ class S3PendingFile(PendingFile):
         self._buffer = bytearray()
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
+        self._inflight: Future[None] | None = None
 
     def write(self, chunk: bytes) -> None:
         super().write(chunk)  # counts, hashes, enforces the limit, keeps the local copy
         self._buffer += chunk
         if len(self._buffer) >= 2 * PART_BYTES:  # the hard bound, for a caller that never drains
-            self._send_part()
+            self.send_full_parts()
 
     async def drain(self) -> None:
+        """Start sending a full buffer in a thread and keep receiving meanwhile (at most one part in flight):
+        the request's bytes and the store's writes overlap, and the event loop never waits on the store."""
         if len(self._buffer) >= PART_BYTES:
-            # A part takes a while on a real network: upload it in a thread, never in the event loop.
-            await anyio.to_thread.run_sync(self._send_part)
+            if self._inflight is not None:
+                await asyncio.wrap_future(self._inflight)
+            self._inflight = _SENDERS.submit(self._send_part, self._take())
 
     def send_full_parts(self) -> None:
         if len(self._buffer) >= PART_BYTES:
-            self._send_part()
+            self._wait()
+            self._send_part(self._take())
 
-    def _send_part(self) -> None:
-        s = self.store
+    def _take(self) -> tuple[int, bytes]:
         body, self._buffer = bytes(self._buffer), bytearray()
+        self._parts.append({"PartNumber": len(self._parts) + 1})  # numbered in order taken, not in order sent
+        return len(self._parts), body
+
+    def _wait(self) -> None:
+        if self._inflight is not None:
+            inflight, self._inflight = self._inflight, None
+            inflight.result()  # raises the part's error (StoreUnavailableError) here
+
+    def _send_part(self, part: tuple[int, bytes]) -> None:
+        s, (number, body) = self.store, part
         with s.errors(f"uploading {self.key}"):
-            if self._upload_id is None:
+            if self._upload_id is None:  # the first part: only one is ever in flight, so no race here
                 self._upload_id = s.client.create_multipart_upload(Bucket=s.bucket, Key=s._key(self.key))["UploadId"]
-            number = len(self._parts) + 1
             etag = s.client.upload_part(Bucket=s.bucket, Key=s._key(self.key), UploadId=self._upload_id,
                                         PartNumber=number, Body=body)["ETag"]
-        self._parts.append({"PartNumber": number, "ETag": etag})
+        self._parts[number - 1]["ETag"] = etag
 
     def finish(self) -> None:
         """Make the object visible: one PUT when it fit in the buffer, else the last part and the completion."""
         self.close()
+        self._wait()
         s = self.store
-        if self._upload_id is None:
+        if not self._parts:
             with s.errors(f"uploading {self.key}"):
                 s.client.put_object(Bucket=s.bucket, Key=s._key(self.key), Body=bytes(self._buffer))
         else:
             if self._buffer:
-                self._send_part()
+                self._send_part(self._take())
             with s.errors(f"completing {self.key}"):
                 s.client.complete_multipart_upload(Bucket=s.bucket, Key=s._key(self.key), UploadId=self._upload_id,
                                                    MultipartUpload={"Parts": self._parts})
@@ -250,6 +267,10 @@ class S3PendingFile(PendingFile):
         """Drop the parts already sent (they would be billed, invisible, forever) and the local copy."""
         self.close()
         self._buffer = bytearray()
+        try:
+            self._wait()  # a part still being sent would otherwise land after the abort
+        except Exception:  # its error is the one being handled already, or moot now
+            pass
         if self.path is not None:
             self.path.unlink(missing_ok=True)
         if self._upload_id is not None and not self.committed:
