@@ -159,3 +159,28 @@ def test_no_candidate_is_kept_when_none_is_clearly_better(tmp_path: Path) -> Non
     outcome, path = sensitive.keep_worst_float(_Log(), {"a": 5.0, "b": 3.0}, 20, requantize,
                                                lambda path: (0.901, None, 0.801), (0.9, None, 0.8), tmp_path)
     assert path is None and outcome.kept == [] and len(outcome.tried) == 1
+
+
+def test_a_concat_of_boxes_and_scores_and_an_output_reshape_stay_float() -> None:
+    """YOLOv8's last Concat joins coordinates (0..320) and scores (0..1): one int8 scale zeroes the scores."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
+
+    from worker.engine.onnx import keep_float
+
+    nodes = [helper.make_node("Concat", ["boxes", "scores"], ["joined"], axis=1, name="join"),
+             helper.make_node("Concat", ["a", "b"], ["ab"], axis=1, name="alike"),
+             helper.make_node("Reshape", ["ab", "shape"], ["y"], name="out_reshape")]
+    floats = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("boxes", "scores", "a", "b")]
+    graph = helper.make_graph(nodes, "g", floats, [helper.make_tensor_value_info("joined", TensorProto.FLOAT, None),
+                                                   helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.array([-1], np.int64), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+    def span(high: float) -> TensorData:
+        return TensorData(lowest=np.float32(0), highest=np.float32(high))
+
+    ranges = TensorsData(CalibrationMethod.MinMax, {"boxes": span(320), "scores": span(1), "a": span(4),
+                                                    "b": span(2)})
+    assert keep_float.mixed_range_joins(model, ranges) == {"join": 320.0}
+    assert keep_float.output_data_movement(model) == {"join", "out_reshape"}
+    assert "differ up to 320x" in keep_float.warning({"join": 320.0})

@@ -15,7 +15,7 @@ from worker.engine import metrics as m
 from worker.engine.errors import EngineError
 from worker.engine.onnx import calibration as onnx_calibration
 from worker.engine.onnx import common as onnx_common
-from worker.engine.onnx import deliver, normalize, rewrite, sensitive, speed, static_layers, subgraphs
+from worker.engine.onnx import deliver, keep_float, normalize, rewrite, sensitive, speed, static_layers, subgraphs
 from worker.engine.onnx import sensitivity as onnx_sensitivity
 from worker.engine.types import ArtifactFile, QuantizeResult
 
@@ -263,7 +263,10 @@ def run(ctx: JobContext) -> QuantizeResult:
                             f"with the {len(kept_for_range)} node(s) around them: {', '.join(infinite)}")
         cache = scratch / "calibration.json"
         save_tensors_data(ranges, cache)
-        excluded = by_config | kept_for_range | attention
+        joins = keep_float.mixed_range_joins(base_model, ranges)
+        kept_for_scale = set(joins) | keep_float.output_data_movement(base_model)
+        warnings += [note] if (note := keep_float.warning(joins)) else []
+        excluded = by_config | kept_for_range | attention | kept_for_scale
 
         def quantize(path: Path, reduce: bool, kept: frozenset[str] = frozenset(), job: JobContext = ctx) -> None:
             try:
@@ -347,6 +350,7 @@ def run(ctx: JobContext) -> QuantizeResult:
         "lstms_dynamic_int8": lstms, "non_finite_tensors": infinite,
         "excluded_by_config": [n.layer for n in nodes if n.node in by_config],
         "kept_float_for_range": sorted(kept_for_range), "layer_sqnr": static_layers.SQNR_NOTE,
+        "kept_float_mixed_range_joins": joins, "kept_float_for_scale": sorted(kept_for_scale),
         "quantize_s": round(quantize_s, 3),
     })
     return QuantizeResult(
