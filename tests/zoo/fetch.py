@@ -135,13 +135,14 @@ def fetch_model(model: ZooModel) -> Path:
 
 
 def fetch_inputs(model: ZooModel, *, force: bool = False) -> None:
-    from tests.zoo import inputs
+    from tests.zoo import inputs, inputs_speech
 
     folder = corpus.data_dir(model)
     if not force and corpus.calibration_path(model).is_file() and corpus.evaluation_path(model).is_file():
         return
     folder.mkdir(parents=True, exist_ok=True)
-    sets = getattr(inputs, model.inputs)(model, corpus.model_path(model))
+    build = getattr(inputs, model.inputs, None) or getattr(inputs_speech, model.inputs)
+    sets = build(model, corpus.model_path(model))
     inputs.write_sets(folder, sets)
 
 
