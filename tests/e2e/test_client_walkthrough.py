@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -30,10 +29,6 @@ def model_script() -> str:
     return heredoc.group(1)
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def test_readme_python_and_cli_walkthroughs_run_as_written_on_the_embedded_server(tmp_path: Path) -> None:
     port = free_port()  # not 8000: the curl walk-through's test owns that port; the client reads $QUANTSERVE_URL
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUANTSERVE_")}
@@ -58,7 +53,7 @@ def test_readme_python_and_cli_walkthroughs_run_as_written_on_the_embedded_serve
     lines = python.stdout.splitlines()
     assert lines[0] == "ready onnx [['batch', 64]]", lines[:3]
     progress = [line for line in lines if line.split(" ")[0] in ("queued", "running", "succeeded", "failed")]
-    assert progress[-1] == "succeeded  100%" or progress[-1].startswith("succeeded"), progress
+    assert progress[-1].startswith("succeeded"), progress
     assert len(progress) >= 2 and progress[0].split(" ")[0] in ("queued", "running"), progress
     size = json.loads(next(x for x in lines if x.startswith("{'original_bytes'")).replace("'", '"'))
     assert size["quantized_bytes"] < size["original_bytes"]
@@ -84,4 +79,4 @@ def test_readme_python_and_cli_walkthroughs_run_as_written_on_the_embedded_serve
     report = json.loads(files["report.json"].read_text())
     assert report["job_id"] == job_id
     assert files[quantized.name].stat().st_size == report["metrics"]["size"]["quantized_bytes"]
-    assert sha256(files[quantized.name]) != "" and not list((tmp_path / "out-cli").glob("*.part"))
+    assert not list((tmp_path / "out-cli").glob("*.part"))
