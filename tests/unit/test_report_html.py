@@ -107,7 +107,7 @@ def test_many_layers_chart_the_worst_and_say_so_and_sensitivity_gets_its_column(
                                     "sqnr_db": 10.0 + i % 97, "sensitivity": 1.0 / (1 + i)} for i in range(300)]
     page = report_html.render(report, model_name="m")
     assert "The chart shows the 60 layers with the lowest SQNR; 240 more are in the table." in page
-    assert "<th>sensitivity</th>" in page
+    assert ">sensitivity</th>" in page
     layers_svg = svgs(page)[1]
     assert "sensitivity" in layers_svg and "layer.0<" in layers_svg and "layer.96<" not in layers_svg
 
@@ -152,3 +152,31 @@ def test_the_api_serves_pages_without_importing_matplotlib() -> None:
     code = "import sys, app.main; app.main.create_app(); print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _with_sensitivity(drops: list[float]) -> dict[str, Any]:
+    """REPORT with metrics.sensitivity shaped as ONNX dynamic/static write it (worker/engine/onnx/sensitivity.py)."""
+    report = copy.deepcopy(REPORT)
+    names = [HOSTILE, "/2/Gemm"]
+    report["metrics"]["sensitivity"] = {
+        "method": "measured: each layer quantized alone", "source": "evaluation", "samples": 64,
+        "goal": {"metric": "accuracy", "max_drop": 0.01, "relative": True},
+        "layers": [{"name": n, "op": "Gemm", "drop": d, "cosine": 0.999 - i / 100, "accuracy": 0.9}
+                   for i, (n, d) in enumerate(zip(names, drops, strict=True))],
+        "suggested_exclude": [f"^{re.escape(HOSTILE)}$"], "suggested_reaches_goal": True}
+    return report
+
+
+def test_measured_sensitivity_joins_the_layers_by_name_with_what_it_measures() -> None:
+    page = report_html.render(_with_sensitivity([0.0, 0.03125]), model_name="m")
+    rows = re.findall(r"<tr><td>(.*?)</td>.*?<td class=num>([^<]*)</td><td class=num>([^<]*)</td></tr>", page)
+    assert [(sqnr, sens) for _, sqnr, sens in rows] == [("39.3", "0"), ("21.5", "0.03125"), ("", "")]
+    assert "drop in accuracy with only this layer quantized" in svgs(page)[1]
+    assert "Suggested exclude (keep these float): <code>^" in page and "<script>" not in page
+    assert "reaches the goal" in page
+
+
+def test_when_no_single_layer_moves_the_goal_metric_sensitivity_falls_back_to_cosine() -> None:
+    page = report_html.render(_with_sensitivity([0.0, 0.0]), model_name="m")
+    assert "1 - cosine to float with only this layer quantized" in svgs(page)[1]
+    assert "<td class=num>0.001</td>" in page and "<td class=num>0.011</td>" in page

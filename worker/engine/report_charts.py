@@ -102,15 +102,17 @@ def layer_rows(layers: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, A
     return [measured[i] for i in sorted(worst)], len(measured) - MAX_LAYERS, kept_float
 
 
-def layers_svg(layers: Sequence[Mapping[str, Any]]) -> str | None:
-    """Per-layer SQNR (dB; higher is closer to float), coloured by weight dtype; sensitivity beside it when the
-    method measured one."""
+def layers_svg(layers: Sequence[Mapping[str, Any]],
+               sensitivity_label: str = "sensitivity: higher = quantizing it hurts more") -> str | None:
+    """Per-layer SQNR (dB; higher is closer to float), coloured by weight dtype; each layer's `sensitivity` beside
+    it when the job measured one."""
     rows, _, _ = layer_rows(layers)
     if not rows:
         return None
     import matplotlib
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     sensitivity = [_number(row.get("sensitivity")) for row in rows]
     has_sensitivity = any(value is not None for value in sensitivity)
@@ -131,5 +133,8 @@ def layers_svg(layers: Sequence[Mapping[str, Any]]) -> str | None:
         axes[-1].legend(handles=legend, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
         if has_sensitivity:
             axes[1].barh(positions, [value or 0.0 for value in sensitivity], color="#dc2626", height=0.72)
-            axes[1].set_xlabel("sensitivity: higher = quantizing it hurts more")
+            axes[1].set_xlabel(sensitivity_label)
+            # tiny values (1 - cosine ~ 1e-5): plain tick labels, not an offset text that lands on the axis label
+            axes[1].xaxis.set_major_locator(MaxNLocator(4))
+            axes[1].xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:.2g}"))
         return _svg(fig)

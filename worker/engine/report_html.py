@@ -115,9 +115,46 @@ def _rows(pairs: Sequence[tuple[str, Any]]) -> str:
     return "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in pairs if v not in (None, ""))
 
 
-def _layers_section(layers: Sequence[Mapping[str, Any]]) -> str:
+def with_sensitivity(layers: Sequence[Mapping[str, Any]], sensitivity: Any) -> tuple[list[dict[str, Any]], str]:
+    """metrics.layers, each with its measured `sensitivity` from metrics.sensitivity (matched by layer name), and
+    what that number is. The drop in the goal's metric when only that layer is quantized; where no single layer
+    moves it (a coarse metric such as top-1 on few samples), 1 - cosine instead, which still ranks them."""
+    label = "sensitivity: higher = quantizing it hurts more"
+    if not isinstance(sensitivity, Mapping) or not isinstance(sensitivity.get("layers"), list):
+        return [dict(layer) for layer in layers], label
+    ranked = {str(r.get("name")): r for r in sensitivity["layers"] if isinstance(r, Mapping)}
+    metric = str((sensitivity.get("goal") or {}).get("metric") or "fidelity")
+    use_drop = any(isinstance(r.get("drop"), int | float) and r["drop"] > 0 for r in ranked.values())
+
+    def value(row: Mapping[str, Any]) -> float | None:
+        if use_drop:
+            return row.get("drop")
+        return round(1.0 - row["cosine"], 8) if isinstance(row.get("cosine"), int | float) else None
+
+    label = (f"drop in {metric} with only this layer quantized" if use_drop
+             else "1 - cosine to float with only this layer quantized")
+    merged = [{**layer, "sensitivity": value(ranked[str(layer.get("name"))])} if str(layer.get("name")) in ranked
+              else dict(layer) for layer in layers]
+    return merged, label
+
+
+def _sensitivity_note(sensitivity: Any) -> str:
+    if not isinstance(sensitivity, Mapping):
+        return ""
+    suggested = sensitivity.get("suggested_exclude") or []
+    goal = sensitivity.get("goal") or {}
+    reach = {True: "reaches", False: "does not reach"}.get(sensitivity.get("suggested_reaches_goal"), "?")
+    text = (f"Sensitivity: {sensitivity.get('method', '')}. Goal: {goal.get('metric', '?')} drop at most "
+            f"{goal.get('max_drop', '?')}{' (relative)' if goal.get('relative') else ''}. ")
+    keep = ("Suggested exclude (keep these float): " + ", ".join(f"<code>{esc(x)}</code>" for x in suggested)
+            + f" &mdash; {reach} the goal.") if suggested else "No layer needs to stay float for the goal."
+    return f'<p class="muted" id="sensitivity">{esc(text)}{keep}</p>'
+
+
+def _layers_section(layers: Sequence[Mapping[str, Any]], sensitivity: Any = None) -> str:
     if not layers:
         return '<p class="muted">This method reports no per-layer figures.</p>'
+    layers, label = with_sensitivity(layers, sensitivity)
     charted, left_out, kept_float = report_charts.layer_rows(layers)
     notes = []
     if left_out:
@@ -127,7 +164,7 @@ def _layers_section(layers: Sequence[Mapping[str, Any]]) -> str:
         notes.append(f"{kept_float} layer(s) stayed float or were not measured (no SQNR).")
     has_sensitivity = any("sensitivity" in layer for layer in layers)
     head = "<tr><th>layer</th><th>op</th><th>weights</th><th>activations</th><th>SQNR (dB)</th>" + (
-        "<th>sensitivity</th>" if has_sensitivity else "") + "</tr>"
+        f'<th title="{esc(label)}">sensitivity</th>' if has_sensitivity else "") + "</tr>"
     body = "".join(
         f"<tr><td>{esc(layer.get('name', ''))}</td><td>{esc(layer.get('op') or '')}</td>"
         f"<td>{esc(layer.get('weight_dtype') or 'float')}</td><td>{esc(layer.get('activation_dtype') or '')}</td>"
@@ -136,8 +173,8 @@ def _layers_section(layers: Sequence[Mapping[str, Any]]) -> str:
         for layer in layers[:MAX_TABLE_LAYERS])
     if len(layers) > MAX_TABLE_LAYERS:
         notes.append(f"The table lists the first {MAX_TABLE_LAYERS} of {len(layers)} layers; report.json has all.")
-    return (_img(report_charts.layers_svg(layers), "chart-layers", "Per-layer SQNR chart")
-            + "".join(f'<p class="muted">{esc(n)}</p>' for n in notes)
+    return (_img(report_charts.layers_svg(layers, label), "chart-layers", "Per-layer SQNR chart")
+            + "".join(f'<p class="muted">{esc(n)}</p>' for n in notes) + _sensitivity_note(sensitivity)
             + f'<table id="layers">{head}{body}</table>')
 
 
@@ -192,7 +229,7 @@ def render(report: Mapping[str, Any], *, model_name: str = "", job_name: str | N
 {_img(report_charts.comparison_svg(metrics), "chart-comparison", "Size, latency and fidelity: float vs quantized")}
 {outputs_html}
 <h2>Warnings</h2>{warning_html}
-<h2>Per-layer error</h2>{_layers_section(metrics.get("layers") or [])}
+<h2>Per-layer error</h2>{_layers_section(metrics.get("layers") or [], metrics.get("sensitivity"))}
 <h2>How to load the artifact</h2>{loading}
 <h2>Effective configuration</h2><pre id="config">{esc(config)}</pre>
 </main></body></html>
