@@ -86,6 +86,7 @@ def capabilities_document(live_workers: list[Worker] | None = None) -> dict[str,
             "options": spec.config_model.model_json_schema(), "status": spec.status.value,
             "needs_calibration": spec.needs_calibration, "needs_training": spec.needs_training,
             "supports_target": spec.supports_target, "target_metrics": list(spec.target_metrics),
+            "supports_auto_bits": spec.supports_auto_bits,
         }
     devices = sorted({d.value for s in SPECS.values() for d in s.devices})
     live = workers.live_devices(live_workers or [])

@@ -126,6 +126,8 @@ class MethodCapability(BaseModel):
     needs_training: bool
     supports_target: bool = Field(False, description="config.target is honoured (metrics.sensitivity, metrics.target).")
     target_metrics: list[str] = Field(default_factory=list, description="The target metrics this method measures.")
+    supports_auto_bits: bool = Field(False, description="config.bits 'auto' is honoured: int4/int8 per layer under "
+                                     "max_size_ratio / max_latency_ms.")
 
 
 class FormatCapability(BaseModel):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class TargetConfig(BaseModel):
@@ -125,6 +125,39 @@ class WeightOnlyConfig(MethodConfig):
     algorithm: Literal["rtn", "gptq", "awq", "hqq"] = Field(
         "rtn", description="gptq/awq need a calibration dataset; hqq is data-free."
     )
+    bits: Literal[4, 8, "auto"] | None = Field(
+        None, description="4 or 8: the same as dtype int4 / int8. auto (capabilities: supports_auto_bits): each "
+        "layer int4 or int8 by its measured fidelity gain per byte, the most faithful mix that fits "
+        "max_size_ratio and/or max_latency_ms.")
+    max_size_ratio: float | None = Field(None, gt=0.0, le=1.0, description="With bits auto: the artifact's "
+                                         "largest size as a share of the uploaded float file.")
+    max_latency_ms: float | None = Field(None, gt=0.0, description="With bits auto: the largest p50 latency "
+                                         "(batch 1, one thread, as metrics.latency measures it).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bits_sets_dtype(cls, data: Any) -> Any:
+        # dtype chose int4/int8 before bits existed: bits fills it in, so every handler still reads dtype alone
+        if not isinstance(data, dict) or data.get("bits") is None:
+            return data
+        bits = data["bits"]
+        wanted = {4: "int4", 8: "int8", "auto": "int4"}.get(bits)  # auto starts from int4 and raises layers to 8
+        if wanted is None:
+            return data  # not one of 4, 8, auto: the field's own check says so
+        if data.get("dtype", wanted) != wanted:
+            raise ValueError(f"bits {bits!r} and dtype {data['dtype']!r} disagree; give one of them"
+                             + (" (bits auto mixes int4 and int8 layers)" if bits == "auto" else ""))
+        return {**data, "dtype": wanted}
+
+    @model_validator(mode="after")
+    def _budget_goes_with_auto(self) -> WeightOnlyConfig:
+        budgets = [n for n in ("max_size_ratio", "max_latency_ms") if getattr(self, n) is not None]
+        if self.bits == "auto" and not budgets:
+            raise ValueError("bits 'auto' needs a budget: max_size_ratio and/or max_latency_ms")
+        if self.bits != "auto" and budgets:
+            verb = "apply" if len(budgets) > 1 else "applies"
+            raise ValueError(f"{' and '.join(budgets)} {verb} only with bits 'auto'")
+        return self
 
     def required_datasets(self) -> set[str]:
         # gptq and awq fit the rounding to activations, so they cannot run without calibration samples

@@ -34,11 +34,17 @@ class MethodSpec(NamedTuple):
     # config.target is honoured: the job measures per-layer sensitivity and keeps layers at higher precision
     supports_target: bool = False
     target_metrics: tuple[str, ...] = ()
+    # weight_only bits "auto": int4/int8 per layer under a size or latency budget
+    supports_auto_bits: bool = False
 
     def config_problems(self, config: MethodConfig, device: Device | str | None = None) -> list[tuple[str, str]]:
         """What `config` asks of this pair that the backend cannot do on `device`. Without a device: only
         the fields that no device of this pair can serve (a caller that does not know the device yet)."""
         problems = self._target_problems(config)
+        if getattr(config, "bits", None) == "auto" and not self.supports_auto_bits:
+            offered = ", ".join(f"{s.format}/{s.method}" for s in SPECS.values() if s.supports_auto_bits)
+            problems.append(("bits", f"{self.format}/{self.method} does not take bits 'auto' yet; offered for: "
+                                     f"{offered}"))
         if self.option_limits is None:
             return problems
         if device is not None:
@@ -76,7 +82,22 @@ def _onnx_weight_only_limits(config: WeightOnlyConfig, device: Device) -> list[t
         problems.append(("algorithm", "awq needs NVIDIA ModelOpt and a GPU in onnxruntime; use rtn, hqq or gptq"))
     elif config.dtype == "int8" and config.algorithm in ("hqq", "gptq"):
         problems.append(("algorithm", f"{config.algorithm} is 4-bit only in onnxruntime; use dtype int4 or rtn"))
+    if config.bits == "auto" and config.algorithm != "rtn":
+        # each layer's gain is measured by quantizing it alone: one HQQ/GPTQ pass takes 10-15 s on MiniLM
+        problems.append(("algorithm", "bits 'auto' measures every layer with round to nearest; use algorithm rtn"))
+    if config.bits == "auto" and config.max_size_ratio is not None and config.group_size > 0:
+        floor = int4_size_floor(config.group_size, config.symmetric)
+        if config.max_size_ratio < floor:
+            problems.append(("max_size_ratio", f"{config.max_size_ratio} is below what int4 blocks of "
+                             f"{config.group_size} reach on any model: {floor:.3f} of float32 weights (4 bits and a "
+                             "float32 scale per block); raise it, or use a larger group_size"))
     return problems
+
+
+def int4_size_floor(group_size: int, symmetric: bool) -> float:
+    """The smallest size ratio MatMulNBits int4 reaches on float32 weights: half a byte per weight, a float32
+    scale per block, and half a byte of zero point per block when asymmetric; everything else only adds."""
+    return (0.5 + (4.0 + (0.0 if symmetric else 0.5)) / group_size) / 4.0
 
 
 def _torch_static_limits(config: StaticConfig, device: Device) -> list[tuple[str, str]]:  # noqa: ARG001
@@ -127,7 +148,7 @@ SPECS: Final[Mapping[tuple[ModelFormat, Method], MethodSpec]] = {
                    "worker.engine.onnx.static:run", _CPU, Status.stable, needs_calibration=True, **_ONNX_TARGET),
         MethodSpec(ModelFormat.onnx, Method.weight_only, WeightOnlyConfig,
                    "worker.engine.onnx.weight_only:run", _CPU, Status.stable, dtypes=("int8", "int4"),
-                   option_limits=_onnx_weight_only_limits),
+                   option_limits=_onnx_weight_only_limits, supports_auto_bits=True),
         MethodSpec(ModelFormat.torchscript, Method.dynamic, DynamicConfig,
                    "worker.engine.torchscript.dynamic:run", _CPU, Status.legacy),
         MethodSpec(ModelFormat.torch_export, Method.dynamic, DynamicConfig,

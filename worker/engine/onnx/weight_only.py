@@ -18,7 +18,7 @@ from worker.engine import evaluate, report
 from worker.engine import metrics as m
 from worker.engine.errors import EngineError
 from worker.engine.onnx import common as onnx_common
-from worker.engine.onnx import deliver, normalize, weight_only_mixed
+from worker.engine.onnx import deliver, normalize, weight_only_budget, weight_only_mixed
 from worker.engine.onnx import rewrite as onnx_rewrite
 from worker.engine.types import ArtifactFile, QuantizeResult
 
@@ -276,9 +276,11 @@ def run(ctx: JobContext) -> QuantizeResult:
         warnings += chosen.warnings
         # int4 everywhere can lose too much (MiniLM: 0.947): the most sensitive layers then stay at 8 bits
         layer_names = {k: n.layer for n in nodes for k in (n.node, f"{n.node}_MatMul")}
-        mixed = weight_only_mixed.apply(ctx, chosen, build, normalized, excluded_names, model_path=model_path,
-                                        batches=calibration, feed=samples.batches[0], full_check=prepared.full_check,
-                                        layer_names=layer_names, warnings=warnings)
+        # bits auto: the same probes, spent on the most faithful mix within the user's size/latency budget
+        mix = weight_only_budget.apply if config.bits == "auto" else weight_only_mixed.apply
+        mixed = mix(ctx, chosen, build, normalized, excluded_names, model_path=model_path, batches=calibration,
+                    feed=samples.batches[0], full_check=prepared.full_check, layer_names=layer_names,
+                    warnings=warnings)
         shutil.move(mixed.path or chosen.path, output)
         quantized = onnx.load(str(output))
         count = sum(1 for n in quantized.graph.node if n.op_type == "MatMulNBits")
@@ -297,7 +299,8 @@ def run(ctx: JobContext) -> QuantizeResult:
         metrics["warnings"].append("HQQ stores float zero points, which onnxruntime's CPU MatMulNBits runs "
                                    "without its int8 path: algorithm 'rtn' is faster here")
     summary = {
-        "bits": 4 if config.dtype == "int4" else 8, "block_size": config.group_size, "symmetric": config.symmetric,
+        "bits": config.bits or (4 if config.dtype == "int4" else 8), "block_size": config.group_size,
+        "symmetric": config.symmetric,
         "algorithm": config.algorithm, "accuracy_level": ACCURACY_LEVEL, "matmul_nbits_nodes": count,
         "gemm_rewritten": rewritten, "gemm_left_float": gemms_left,
         "embedding": ("float" if not chosen.variant.options["gather"] else "int4 GatherBlockQuantized"
@@ -307,10 +310,12 @@ def run(ctx: JobContext) -> QuantizeResult:
         "kept_float_invalid": sorted(chosen.kept_float), "variant": chosen.variant.label,
         "opset": {"upload": prepared.original_opset, "quantized": prepared.opset},
         "constants_folded": prepared.folded_constants,
-        "kept_8bit_for_fidelity": [{"name": layer_names.get(n, n), "tuning_cosine_gain": round(mixed.gains[n], 5)}
-                                   for n in mixed.promoted],
+        "kept_8bit_for_fidelity": [{"name": layer_names.get(n, n), "tuning_cosine_gain": round(mixed.gains[n], 5)
+                                    if n in mixed.gains else None} for n in mixed.promoted],
         "tuning_cosine": {"all_4bit": round(mixed.before, 5), "delivered": round(mixed.after, 5),
-                          "target": weight_only_mixed.TARGET_COSINE} if mixed.measured else None,
+                          "target": None if config.bits == "auto" else weight_only_mixed.TARGET_COSINE}
+        if mixed.measured else None,
+        "bits_auto": mixed.budget,
         "layer_sqnr": SQNR_NOTE, "quantize_s": round(quantize_s, 3),
     }
     return QuantizeResult(

@@ -51,6 +51,7 @@ class Promotion:
     after: float = 1.0
     path: Path | None = None  # the chosen candidate; None when nothing was promoted
     note: str = ""  # why the target was not reached, for the warning
+    budget: dict | None = None  # bits auto (weight_only_budget): the budgets, both ends, and each layer's bits and why
 
 
 def reference_outputs(model_path: Path, batches: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
@@ -62,6 +63,18 @@ def tuning_cosine(path: Path, reference: list[list[np.ndarray]], batches: list[d
     """Mean per-sample cosine of the worst output, on the padding-free positions: what the report headlines."""
     runner = onnx_common.load_runner(path, threads=None, ours=True)
     return m.worst_cosine(reference, [evaluate.unpadded(b, runner(b)) for b in batches])[0]
+
+
+def measure_gains(ctx: JobContext, build: Build, candidates: Mapping[str, int], before: float,
+                  reference: list[list[np.ndarray]], batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """node -> tuning cosine gained when only that node goes from 4 to 8 bits: one build and run per node."""
+    gains = {}
+    for i, node in enumerate(candidates):
+        ctx.progress("quantizing", 0.2 + 0.3 * i / len(candidates))
+        probe = build(frozenset({node}))
+        gains[node] = tuning_cosine(probe, reference, batches) - before
+        probe.unlink(missing_ok=True)  # each is a whole model: 39 of MiniLM's would fill 600 MB of scratch
+    return gains
 
 
 def promote(ctx: JobContext, build: Build, first: Path, candidates: Mapping[str, int],
@@ -81,11 +94,7 @@ def promote(ctx: JobContext, build: Build, first: Path, candidates: Mapping[str,
                        f"{MAX_PROBES}) was not attempted")
         return result
     ctx.log("info", f"tuning cosine {result.before:.4f} < {TARGET_COSINE}: measuring each layer at 8 bits")
-    for i, node in enumerate(candidates):
-        ctx.progress("quantizing", 0.2 + 0.3 * i / len(candidates))
-        probe = build(frozenset({node}))
-        result.gains[node] = tuning_cosine(probe, reference, batches) - result.before
-        probe.unlink(missing_ok=True)  # each is a whole model: 39 of MiniLM's would fill 600 MB of scratch
+    result.gains = measure_gains(ctx, build, candidates, result.before, reference, batches)
     # gain per element: a small table with a real gain (MiniLM's token-type embedding, 768 weights, +0.004) is
     # nearly free, the word embedding (11.7 M weights, +0.003) is not
     ranked = sorted((n for n in candidates if result.gains[n] > 0),
@@ -132,10 +141,15 @@ def search(ctx: JobContext, build: Build, first: Path, model: onnx.ModelProto, s
            model_path: Path, batches: list[dict[str, np.ndarray]]) -> Promotion:
     """promote() over every MatMul (and, when `gather`, embedding table) of `model` that `first` quantized to 4 bits:
     those not in `skip` (excluded by the user, or kept float because the library blamed them)."""
-    ops = ("MatMul", "Gather") if gather else ("MatMul",)
-    candidates = {n.node: n.elements for n in onnx_common.weight_nodes(model) if n.op in ops and n.node not in skip}
     batches = batches[:TUNING_SAMPLES]
-    return promote(ctx, build, first, candidates, reference_outputs(model_path, batches), batches)
+    return promote(ctx, build, first, candidates(model, skip, gather=gather), reference_outputs(model_path, batches),
+                   batches)
+
+
+def candidates(model: onnx.ModelProto, skip: set[str], *, gather: bool) -> dict[str, int]:
+    """node -> weight elements of every MatMul (and, when `gather`, embedding table) not in `skip`."""
+    ops = ("MatMul", "Gather") if gather else ("MatMul",)
+    return {n.node: n.elements for n in onnx_common.weight_nodes(model) if n.op in ops and n.node not in skip}
 
 
 def apply(ctx: JobContext, chosen: deliver.Delivered, build: Callable[..., Path], model: onnx.ModelProto,
