@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from app.settings import Settings
@@ -93,9 +97,30 @@ def cmd_api(args: argparse.Namespace) -> int:
 
         uvicorn.run(create_app(settings), host=args.host, port=args.port, **UVICORN_OPTIONS)
     else:  # each worker process builds its own app (and its own pools) from the same environment
-        uvicorn.run("app.main:create_app", factory=True, workers=workers, host=args.host, port=args.port,
-                    **UVICORN_OPTIONS)
+        with _metrics_folder():
+            uvicorn.run("app.main:create_app", factory=True, workers=workers, host=args.host, port=args.port,
+                        **UVICORN_OPTIONS)
     return 0
+
+
+@contextmanager
+def _metrics_folder() -> Iterator[None]:
+    """A fresh PROMETHEUS_MULTIPROC_DIR for the API processes, so /metrics sums all of them (app/metrics.py).
+
+    Set before uvicorn starts them: prometheus_client picks its file-backed values at import, in each process.
+    Fresh per start, and removed after: files left by an earlier run would be added to this run's counters.
+    An operator's own folder is used as it is (emptying it between runs is then theirs to do)."""
+    from app.metrics import MULTIPROC_ENV
+
+    if os.environ.get(MULTIPROC_ENV):
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="quantserve-metrics-")
+    os.environ[MULTIPROC_ENV] = folder
+    try:
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,6 +17,7 @@ from app.auth import KeyCache
 from app.broker import OutboxRelay, Publisher
 from app.db import SYNC_POOL_CAPACITY, make_async_engine, make_engine, make_session_factory
 from app.job_events import JobEvents
+from app.metrics import HTTP_REQUESTS
 from app.routes import jobs, reports, system, uploads
 from app.settings import Settings
 from app.storage import open_storage
@@ -31,8 +31,8 @@ class BodyLimitAndCounters:
     Upload routes are exempt here: they enforce QUANTSERVE_MAX_UPLOAD_BYTES themselves, mid-stream.
     """
 
-    def __init__(self, app: ASGIApp, max_json_bytes: int, counts: Counter, access_log: AccessLog | None) -> None:
-        self.app, self.max_json_bytes, self.counts, self.access_log = app, max_json_bytes, counts, access_log
+    def __init__(self, app: ASGIApp, max_json_bytes: int, access_log: AccessLog | None) -> None:
+        self.app, self.max_json_bytes, self.access_log = app, max_json_bytes, access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -45,7 +45,7 @@ class BodyLimitAndCounters:
         state = {"status": 500, "seen": 0, "too_large": False, "replaced": False}
         declared = dict(scope.get("headers", [])).get(b"content-length", b"")
         if not is_upload and declared.isdigit() and int(declared) > self.max_json_bytes:
-            self.counts[(method, 413)] += 1
+            HTTP_REQUESTS.labels(method, 413).inc()
             return await _send_413(send, self.max_json_bytes, path)
 
         async def limited_receive() -> Message:
@@ -73,7 +73,7 @@ class BodyLimitAndCounters:
         try:
             await self.app(scope, limited_receive, guarded_send)
         finally:
-            self.counts[(method, state["status"])] += 1
+            HTTP_REQUESTS.labels(method, state["status"]).inc()
             if self.access_log is not None:
                 self.access_log.write(method, path, state["status"], time.perf_counter() - started, request_state)
 
@@ -128,11 +128,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="quantserve", version=__version__, lifespan=lifespan,
                   description="Upload a model, submit a quantization job, download a smaller, faster model.")
-    app.state.request_counts = Counter()
     errors.install(app)
     for router in ROUTERS:
         app.include_router(router)
     app.add_middleware(BodyLimitAndCounters, max_json_bytes=settings.max_json_bytes,
-                       counts=app.state.request_counts,
                        access_log=AccessLog() if settings.access_log == "json" else None)
     return app

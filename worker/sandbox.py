@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, NamedTuple
 
 log = logging.getLogger("quantserve.worker")
 
@@ -38,19 +38,38 @@ class JobStoppedError(Exception):
     """The supervisor asked the child to stop (cancel, lost lease)."""
 
 
+class Isolation(NamedTuple):
+    """How engine children are cut off from the network: `mode` is "netns", or "none: <why>"."""
+
+    mode: str
+    prefix: tuple[str, ...]  # what goes before the child's command line
+
+
 @functools.cache
-def network_isolation() -> list[str]:
+def isolation() -> Isolation:
     """`unshare -rn`: the engine runs in its own network namespace with no interfaces up, so a model file
-    that manages to run code cannot reach the network. Where user namespaces are not allowed (some
-    container runtimes), jobs run without it and the worker logs that once."""
-    command = ["unshare", "--map-root-user", "--net"]
+    that manages to run code cannot reach the network, not even the worker's own ports on 127.0.0.1.
+
+    Probed once per process by running it. Docker's default seccomp profile refuses the unprivileged user
+    namespace it needs, so in compose this is "none: ..." and the internal network (docker-compose.yml) is what
+    stands between a job and the outside; the worker says which at start-up and in its workers row."""
+    command = ("unshare", "--map-root-user", "--net")
     try:
         subprocess.run([*command, "true"], check=True, capture_output=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        log.warning("network isolation of the engine is not available here (unshare failed); "
-                    "jobs run with the worker's network access")
-        return []
-    return command
+    except subprocess.CalledProcessError as exc:
+        why = (exc.stderr or b"").decode(errors="replace").strip().splitlines()[-1:] or [f"exit {exc.returncode}"]
+        return Isolation(f"none: {why[0]}", ())
+    except (OSError, subprocess.SubprocessError) as exc:  # no unshare binary, or it hung
+        return Isolation(f"none: {exc.__class__.__name__}: {exc}", ())
+    return Isolation("netns", command)
+
+
+def spawn(argv: list[str], work_dir: Path, *, stdout: int | IO[bytes] | None,
+          stderr: int | IO[bytes] | None) -> subprocess.Popen:
+    """Start `python <argv>` as an engine child: network isolation where the host has it, the cleaned
+    environment, its own process group (a kill reaches its helpers too)."""
+    return subprocess.Popen([*isolation().prefix, sys.executable, *argv], cwd=work_dir, env=child_env(work_dir),
+                            stdout=stdout, stderr=stderr, start_new_session=True)
 
 
 def child_env(work_dir: Path) -> dict[str, str]:
@@ -73,10 +92,8 @@ def run(request: dict[str, Any], work_dir: Path, *, on_event: Callable[[dict[str
     request_path.write_text(json.dumps(request))
     stderr_path = work_dir / "stderr.log"
     with open(stderr_path, "wb") as stderr:
-        command = [*network_isolation(), sys.executable, "-m", "worker.engine.runner", str(request_path)]
-        proc = subprocess.Popen(command, cwd=work_dir,
-                                env=child_env(work_dir), stdout=subprocess.PIPE, stderr=stderr,
-                                start_new_session=True)  # its own group: a kill reaches its helpers too
+        proc = spawn(["-m", "worker.engine.runner", str(request_path)], work_dir, stdout=subprocess.PIPE,
+                     stderr=stderr)
         events: queue.Queue[dict[str, Any]] = queue.Queue()
         threading.Thread(target=_read_events, args=(proc, events), daemon=True).start()
         started = last_check = time.monotonic()

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
-from sqlalchemy import func, select, text
+from prometheus_client import CONTENT_TYPE_LATEST
+from sqlalchemy import text
 
 from app import __version__
+from app import metrics as app_metrics
 from app.deps import SessionDep, SettingsDep, TenantDep
-from app.models import Job, Outbox, Worker
+from app.models import Worker
 from app.schemas import Capabilities
 from app.services import workers
 from worker.engine.registry import SPECS
@@ -45,36 +48,27 @@ def readyz(request: Request) -> Response:
         checks["storage"] = f"unavailable: {exc}"
     ok = all(v == "ok" for v in checks.values())
     if ok:
-        return JSONResponse({"status": "ready", "checks": checks})
+        return JSONResponse({"status": "ready", "checks": checks, "isolation": _isolation(request)})
     return JSONResponse({"type": "https://quantserve.dev/problems/unavailable", "title": "Not ready",
                          "status": 503, "detail": "; ".join(f"{k}: {v}" for k, v in checks.items() if v != "ok"),
                          "code": "unavailable", "checks": checks}, status_code=503,
                         media_type="application/problem+json", headers={"Retry-After": "5"})
 
 
-@router.get("/metrics", tags=["system"], response_class=PlainTextResponse)
-def metrics(request: Request) -> str:
-    lines = ["# HELP quantserve_http_requests_total HTTP requests by method and status.",
-             "# TYPE quantserve_http_requests_total counter"]
-    for (method, status), count in sorted(request.app.state.request_counts.items()):
-        lines.append(f'quantserve_http_requests_total{{method="{method}",status="{status}"}} {count}')
+def _isolation(request: Request) -> dict[str, int]:
+    """Live workers by the network isolation of their engine children ("netns", or "none: <why>"): informs, never
+    fails readiness, since a worker without namespaces still runs jobs (behind the network the operator gave it)."""
     with request.app.state.session_factory() as session:
-        by_status = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
-        durations = session.execute(select(func.count(), func.sum(Job.duration_s))
-                                    .where(Job.duration_s.is_not(None))).one()
-        pending = session.scalar(select(func.count()).select_from(Outbox)) or 0
-        queued = session.scalar(select(func.count()).where(Job.status == "queued")) or 0
-    lines += ["# HELP quantserve_jobs Jobs by status.", "# TYPE quantserve_jobs gauge"]
-    lines += [f'quantserve_jobs{{status="{s}"}} {c}' for s, c in sorted(by_status)]
-    lines += ["# HELP quantserve_queue_depth Jobs waiting for a worker.", "# TYPE quantserve_queue_depth gauge",
-              f"quantserve_queue_depth {queued}",
-              "# HELP quantserve_outbox_pending Messages not yet handed to the broker.",
-              "# TYPE quantserve_outbox_pending gauge", f"quantserve_outbox_pending {pending}",
-              "# HELP quantserve_job_duration_seconds Durations of finished jobs.",
-              "# TYPE quantserve_job_duration_seconds summary",
-              f"quantserve_job_duration_seconds_count {durations[0] or 0}",
-              f"quantserve_job_duration_seconds_sum {durations[1] or 0.0}"]
-    return "\n".join(lines) + "\n"
+        live = workers.live(session, request.app.state.settings.worker_ttl_s)
+    modes = [next((d.get("isolation") for d in (w.devices or {}).values() if d and d.get("isolation")), "unknown")
+             for w in live]
+    return dict(sorted(Counter(modes).items()))
+
+
+@router.get("/metrics", tags=["system"], response_class=PlainTextResponse)
+def metrics(request: Request) -> Response:
+    # app/metrics.py says which figures are counted per process and which are read from the database, and why.
+    return Response(app_metrics.render(request.app.state.session_factory), media_type=CONTENT_TYPE_LATEST)
 
 
 def capabilities_document(live_workers: list[Worker] | None = None) -> dict[str, Any]:

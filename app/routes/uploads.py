@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from app.db import transaction
 from app.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from app.ids import uuid7
+from app.metrics import UPLOAD_BYTES, UPLOADS
 from app.models import Dataset, Model
 from app.names import MAX_NAME_CHARS, Name, check_name
 from app.routes.downloads import Redirect, file_response
@@ -79,6 +80,8 @@ def build_router(noun: str, row_type: type[Model] | type[Dataset], public: type,
 
             async with request.app.state.admission.slot():
                 row = await run_in_threadpool(detect_and_insert)
+            UPLOAD_BYTES.labels(noun).inc(pending.size)  # counted once stored and recorded: a 413 adds nothing
+            UPLOADS.labels(noun).inc()
         response.headers["Location"] = f"/v1/{noun}s/{row.id}"
         return row
 

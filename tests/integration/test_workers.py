@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from sqlalchemy import Engine, create_engine, delete, select
@@ -138,3 +139,14 @@ def test_a_worker_that_stops_removes_itself(service: Service, db: Engine) -> Non
         stop(worker)
     with Session(db) as session:
         assert session.scalar(select(Worker).where(Worker.hostname.startswith(f"{name}@"))) is None
+
+
+def test_the_worker_reports_its_engine_isolation_at_start_up_and_in_readyz(service: Service) -> None:
+    from worker import sandbox
+
+    mode = sandbox.isolation().mode  # this host's answer; the worker probes the same way
+    _capabilities(service, until=lambda d: "cpu" in d["served_devices"])
+    ready = httpx.get(service.base_url + "/readyz", timeout=30).json()
+    assert ready["isolation"].get(mode, 0) >= 1, ready
+    logs = "".join(p.read_text(errors="replace") for p in service.logs.glob("worker-*.log"))
+    assert f"engine isolation: {mode}" in logs
