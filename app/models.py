@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 typed models: tenants, keys, models, datasets, jobs, logs, artifacts, outbox, workers."""
+"""SQLAlchemy 2 typed models: tenants, keys, models, datasets, jobs, logs, artifacts, outbox, workers, webhooks."""
 
 from __future__ import annotations
 
@@ -114,6 +114,7 @@ class Job(Base):
     evaluation_dataset_id: Mapped[uuid.UUID | None] = mapped_column()
     name: Mapped[str | None] = mapped_column(String(200))
     labels: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    callback_url: Mapped[str | None] = mapped_column(String(2048))  # POSTed to when the job ends (webhooks)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
 
@@ -193,3 +194,34 @@ class Worker(Base):
     capabilities: Mapped[dict[str, Any]] = mapped_column(JSONType)  # served device -> ["format/method", ...]
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+
+class WebhookSecret(Base):
+    """A tenant's webhook secret, as a salt: the secret is HMAC(signing key, salt) and is never stored."""
+
+    __tablename__ = "webhook_secrets"
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    salt: Mapped[str] = mapped_column(String(64))
+    key_fingerprint: Mapped[str] = mapped_column(String(16))  # which signing key derived it (a mismatch is logged)
+    prefix: Mapped[str] = mapped_column(String(16))  # the secret's first characters, shown to tell secrets apart
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One event for one job's callback_url; its id is the webhook-id, the same on every attempt."""
+
+    __tablename__ = "webhook_deliveries"
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid7)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    body: Mapped[str] = mapped_column(Text)  # frozen at the event: every attempt signs the same bytes
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # fencing token, as jobs.attempt
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # While a message for it is in flight (queued or being sent), the sweeper leaves it alone.
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    __table_args__ = (Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.names import MAX_NAME_CHARS, Name
+from app.webhooks import MAX_URL_CHARS, url_problem
 
 # The answers live in the client package, which the server ships too: one definition for the routes' OpenAPI and
 # for the Python client, which cannot import app/ (client/quantserve_client/schemas.py says why).
@@ -40,3 +41,14 @@ class JobCreate(BaseModel):
     name: Name | None = Field(None, description="Free-form, for your own bookkeeping.",
                               json_schema_extra={"maxLength": MAX_NAME_CHARS})
     labels: dict[str, Any] | None = None
+    callback_url: str | None = Field(None, max_length=MAX_URL_CHARS,
+                                     description="http(s) URL POSTed a signed job.<status> event when the job ends "
+                                                 "(Standard Webhooks; secret from POST /v1/webhooks/secret).")
+
+    @field_validator("callback_url")
+    @classmethod
+    def _callback_url_shape(cls, value: str | None) -> str | None:
+        # Shape only; the address it resolves to is checked by the service (and again at each delivery).
+        if value is not None and (problem := url_problem(value)) is not None:
+            raise ValueError(problem)
+        return value

@@ -46,6 +46,15 @@ class Settings(BaseSettings):
                                                                   "polled reads; 0 = none.")
     key_cache_ttl_s: float = Field(5.0, ge=0, description="How long an API process trusts a key it has looked up; "
                                                           "a revoked key stops working within this time.")
+    webhook_allow_private: bool = Field(False, description="Let callback URLs reach private, loopback and link-local "
+                                        "addresses (never cloud metadata ones; list those in webhook_allowed_cidrs).")
+    webhook_allowed_cidrs: str = Field("", description="Comma-separated networks callback URLs may reach even though "
+                                       "they are not public, e.g. 10.20.0.0/16,127.0.0.1/32.")
+    webhook_signing_key: str | None = Field(None, description="Derives each tenant's webhook secret; the same value on "
+                                            "the API and every worker. Default: a key file in data_dir (embedded).")
+    webhook_max_attempts: int = Field(8, ge=1, description="Deliveries of one webhook before it is given up.")
+    webhook_retry_base_s: float = Field(10.0, gt=0, description="Wait before the 2nd attempt; doubles after each.")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Connect + read timeout of one delivery attempt.")
     access_log: Literal["off", "json"] = Field("off", description="One JSON line per request (tenant_id, "
                                                                   "request_id, status, duration) on stderr.")
 
@@ -69,6 +78,11 @@ class Settings(BaseSettings):
     def effective_broker_url(self) -> str:
         # Kombu's SQLAlchemy transport: a real broker in a file, so `serve` needs nothing installed.
         return self.broker_url or f"sqla+sqlite:///{self.data_dir.resolve() / 'broker.db'}"
+
+    def webhook_policy(self):  # noqa: ANN201 - app.webhooks.TargetPolicy, imported late to keep settings leaf-level
+        from app.webhooks import TargetPolicy
+
+        return TargetPolicy.from_settings(self.webhook_allow_private, self.webhook_allowed_cidrs)
 
     @property
     def storage_dir(self) -> Path:

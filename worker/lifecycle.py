@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.broker import enqueue
 from app.db import transaction
 from app.models import Artifact, Dataset, Job, JobLog, Model, utcnow
+from app.services.webhooks import enqueue_completion
 from worker import task_names
 
 log = logging.getLogger("quantserve.worker")
@@ -128,6 +129,7 @@ def finish(factory: sessionmaker[Session], claim_: Claim, artifacts: list[Stored
                                  storage_key=a.storage_key) for a in artifacts)
         session.add(JobLog(job_id=claim_.job_id, level="error" if error else "info",
                            message=f"failed ({error['code']}): {error['message']}" if error else "succeeded"))
+        enqueue_completion(session, claim_.job_id)  # the webhook commits with the status, or not at all
         return True
 
 
@@ -146,6 +148,7 @@ def _fail_in(session: Session, job_id: uuid.UUID, attempt: int, code: str, messa
     if result.rowcount:
         why = f"{code}, {reason}" if reason else code
         session.add(JobLog(job_id=job_id, level="error", message=f"failed ({why}): {message}"))
+        enqueue_completion(session, job_id)
     return bool(result.rowcount)
 
 

@@ -6,3 +6,7 @@ RUN_JOB = "quantserve.jobs.run"
 
 QUEUE_FOR_DEVICE = {"cpu": "cpu", "cuda": "gpu"}
 VALIDATION_QUEUE = "cpu"  # validation reads files on the CPU, whatever device the job will use
+DELIVER_WEBHOOK = "quantserve.webhooks.deliver"
+# Deliveries share the cpu queue: every worker consumes it, and an attempt is one short HTTP request. Behind
+# long jobs on every thread a delivery waits; the sweeper then publishes it again when its lease runs out.
+WEBHOOK_QUEUE = "cpu"

@@ -12,7 +12,7 @@ from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from celery.worker.consumer import Consumer
 
 from app.errors import StoreUnavailableError
-from worker import devices, jobs, lifecycle, task_names
+from worker import devices, jobs, lifecycle, task_names, webhooks
 from worker.celery_app import celery_app
 from worker.presence import Presence
 from worker.runtime import runtime
@@ -42,6 +42,12 @@ def run_job(self: Task, job_id: str) -> None:
     jobs.run_job(runtime(), UUID(job_id), worker=self.request.hostname or "worker")
 
 
+@celery_app.task(name=task_names.DELIVER_WEBHOOK)
+def deliver_webhook(delivery_id: str, attempt: int) -> None:
+    rt = runtime()
+    webhooks.deliver(rt.settings, rt.session_factory, UUID(delivery_id), int(attempt))
+
+
 def _sweep_forever(presence: Presence) -> None:
     """Refresh this worker's row, re-publish unsent outbox rows and reap jobs whose worker died. Every worker
     runs one."""
@@ -55,6 +61,7 @@ def _sweep_forever(presence: Presence) -> None:
             rt.relay.sweep()
             lifecycle.reap(rt.session_factory)
             lifecycle.redispatch_stale(rt.session_factory, rt.settings.redispatch_after_s)
+            webhooks.dispatch_due(rt.settings, rt.session_factory)  # retries whose backoff has passed
         except Exception:  # the database or broker is down: try again next round
             log.exception("sweep failed")
         time.sleep(rt.settings.sweep_interval_s)

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from app.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from app.errors import ConflictError, NotFoundError
 from app.models import Artifact, Job
+from app.routes import webhooks
 from app.routes.downloads import Redirect, file_response
 from app.schemas import ArtifactPublic, JobCreate, JobPublic, LogLine, Page
 from app.services import job_reads, jobs
@@ -36,7 +37,8 @@ def submit_job(body: JobCreate, response: Response, session: SessionDep, tenant_
                settings: SettingsDep,
                idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> Any:
     job, created = jobs.submit(session, tenant_id, body, max_attempts=settings.job_max_attempts,
-                               idempotency_key=idempotency_key, worker_ttl_s=settings.worker_ttl_s)
+                               idempotency_key=idempotency_key, worker_ttl_s=settings.worker_ttl_s,
+                               target_policy=settings.webhook_policy())
     response.status_code = 202 if created else 200
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_public(job, jobs.artifacts_of(session, [job.id])[job.id])
@@ -124,3 +126,10 @@ def download_artifact(artifact_id: uuid.UUID, request: Request, session: Session
     artifact = tenant_get(session, Artifact, tenant_id, artifact_id, what="artifact")
     return file_response(request, storage, artifact.storage_key, size=artifact.size_bytes, sha256=artifact.sha256,
                          filename=artifact.filename, redirect=redirect)
+
+
+
+# The webhook secret signs jobs' callbacks, so its routes join this router, and with it app.main.ROUTERS (which
+# the tenant walk reads); an included sub-router would be invisible there (FastAPI includes them lazily).
+for _route in webhooks.ROUTES:
+    router.add_api_route(**_route)

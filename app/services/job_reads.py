@@ -42,6 +42,7 @@ def job_public(job: Any, artifacts: list[Any]) -> dict[str, Any]:
         "id": job.id, "model_id": job.model_id, "method": job.method, "device": job.device, "config": job.config,
         "calibration_dataset_id": job.calibration_dataset_id, "training_dataset_id": job.training_dataset_id,
         "evaluation_dataset_id": job.evaluation_dataset_id, "name": job.name, "labels": job.labels,
+        "callback_url": job.callback_url,
         "status": job.status, "stage": job.stage if job.status == "running" else None,
         "progress": job.progress, "attempts": job.attempt, "error": job.error, "metrics": job.metrics,
         "artifacts": [artifact_public(a) for a in artifacts], "created_at": _utc(job.created_at),

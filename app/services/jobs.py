@@ -23,8 +23,9 @@ from app.errors import (
 from app.ids import uuid7
 from app.models import Artifact, Dataset, Job, JobLog, Model, utcnow
 from app.schemas import JobCreate
-from app.services import workers
+from app.services import webhooks, workers
 from app.services.common import tenant_get, tenant_select
+from app.webhooks import TargetPolicy, TargetRefusedError
 from worker import task_names
 from worker.engine.config import MethodConfig
 from worker.engine.errors import UnsupportedMethodError
@@ -41,7 +42,8 @@ def request_hash(body: JobCreate) -> str:
 
 
 def submit(session: Session, tenant_id: uuid.UUID, body: JobCreate, *, max_attempts: int,
-           idempotency_key: str | None, worker_ttl_s: float) -> tuple[Job, bool]:
+           idempotency_key: str | None, worker_ttl_s: float,
+           target_policy: TargetPolicy | None = None) -> tuple[Job, bool]:
     """Check, then write the job and its outbox row in the caller's transaction. Returns (job, created)."""
     digest = request_hash(body)
     if idempotency_key:
@@ -50,6 +52,8 @@ def submit(session: Session, tenant_id: uuid.UUID, body: JobCreate, *, max_attem
             return _replay(existing, digest, idempotency_key), False
 
     model = tenant_get(session, Model, tenant_id, body.model_id, what="model")
+    if body.callback_url is not None:
+        _check_callback(session, tenant_id, body.callback_url, target_policy or TargetPolicy())
     live_workers = workers.live(session, worker_ttl_s)
     served = sorted({d for w in live_workers for d in workers.served_by(w)})
     spec = _resolve_spec(model, body, served)
@@ -68,7 +72,7 @@ def submit(session: Session, tenant_id: uuid.UUID, body: JobCreate, *, max_attem
                 errors=[{"loc": ["body", f"{role}_dataset_id"], "msg": "dataset has no labels"}])
 
     job = Job(id=uuid7(), tenant_id=tenant_id, model_id=model.id, method=spec.method.value, device=body.device,
-              config=config.model_dump(mode="json"), name=body.name, labels=body.labels,
+              config=config.model_dump(mode="json"), name=body.name, labels=body.labels, callback_url=body.callback_url,
               idempotency_key=idempotency_key,
               request_hash=digest, max_attempts=max_attempts, status="queued", progress=0.0,
               **{f: (d.id if d else None) for f, d in datasets.items()})
@@ -94,6 +98,19 @@ def _replay(existing: Job, digest: str, key: str) -> Job:
     if existing.request_hash != digest:
         raise ConflictError(f"Idempotency-Key {key!r} was already used with a different request body")
     return existing
+
+
+def _check_callback(session: Session, tenant_id: uuid.UUID, url: str, policy: TargetPolicy) -> None:
+    """The target must be allowed now (it is checked again at each delivery: DNS may change), and the tenant
+    must have a secret to sign with."""
+    try:
+        policy.resolve(url)
+    except TargetRefusedError as exc:
+        raise ValidationFailedError(f"callback_url: {exc}",
+                                    errors=[{"loc": ["body", "callback_url"], "msg": str(exc)}]) from None
+    if not webhooks.has_secret(session, tenant_id):
+        why = "no webhook secret yet: create one with POST /v1/webhooks/secret, then submit again"
+        raise ValidationFailedError(f"callback_url: {why}", errors=[{"loc": ["body", "callback_url"], "msg": why}])
 
 
 def _served_text(device: str, served: list[str]) -> str:
@@ -215,6 +232,7 @@ def cancel(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
     if not result.rowcount:
         raise ConflictError(f"job {job_id} already ended as {job.status}; only queued or running jobs can be cancelled")
     log(session, job.id, "info", "cancelled by the user")
+    webhooks.enqueue_completion(session, job.id)
     session.refresh(job)
     return job
 

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 __all__ = ["Client", "ClientError", "ApiError", "JobFailedError", "UploadInvalidError", "DownloadError",
-           "__version__"]
+           "verify_webhook", "WebhookVerificationError", "__version__"]
 
 if TYPE_CHECKING:
     from quantserve_client.client import (
@@ -17,9 +17,17 @@ if TYPE_CHECKING:
         JobFailedError,
         UploadInvalidError,
     )
+    from quantserve_client.webhooks import WebhookVerificationError, verify_webhook
+
+
+WEBHOOK_NAMES = ("verify_webhook", "WebhookVerificationError")
 
 
 def __getattr__(name: str) -> Any:
+    if name in WEBHOOK_NAMES:  # stdlib only: a receiver can verify without httpx
+        from quantserve_client import webhooks
+
+        return getattr(webhooks, name)
     # Lazy: the server imports quantserve_client.schemas, and its API image has no httpx; importing the package
     # must not pull the HTTP client in.
     if name in __all__ and name != "__version__":

@@ -97,6 +97,7 @@ class JobPublic(BaseModel):
     evaluation_dataset_id: uuid.UUID | None = None
     name: str | None = None
     labels: dict[str, Any] | None = None
+    callback_url: str | None = None
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     stage: str | None = None
     progress: float
