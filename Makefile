@@ -16,7 +16,8 @@ run: $(VENV)/.installed
 
 services:
 	bash scripts/ensure-services.sh
-	bash scripts/ensure-chromium.sh  # the report.html tests render the page in headless Chromium
+	bash scripts/ensure-tool.sh chromium "the report.html tests render the page" chromium chromium-browser google-chrome
+	bash scripts/ensure-tool.sh docker-compose "the deploy test validates docker-compose.yml" docker-compose
 
 test: $(VENV)/.installed services
 	$(VENV)/bin/ruff check .

@@ -175,7 +175,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # the signal that stopped it, so a `finally` here would not run.
     # cpu and gpu: the worker drops gpu unless it finds CUDA, so `serve` on a GPU machine serves cuda jobs too.
     # Until it has published what it serves, a cpu job is accepted and waits (app/services/jobs.py).
-    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--queues", "cpu,gpu",
+    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--queues", "cpu,gpu,webhooks",
                                "--hostname", "embedded@%h"], env=os.environ.copy(),
                               preexec_fn=lambda: die_with_parent(signal.SIGTERM))
     try:
@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     api.set_defaults(func=cmd_api)
 
     worker = with_data_dir(sub.add_parser("worker", help="run a Celery worker"))
-    worker.add_argument("--queues", default="cpu", help="comma-separated: cpu, gpu (gpu only where CUDA is found)")
+    worker.add_argument("--queues", default="cpu,webhooks",
+                        help="comma-separated: cpu, gpu (only where CUDA is found), webhooks (job-end deliveries)")
     worker.add_argument("--concurrency", type=int, default=0)
     worker.add_argument("--hostname", default="")
     worker.add_argument("--loglevel", default="info")

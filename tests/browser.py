@@ -1,7 +1,7 @@
 """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe): load a page, collect
 its console errors, evaluate expressions, take a full-page screenshot. Standard library only.
 
-Chromium is the Debian package `chromium`; scripts/ensure-chromium.sh installs it for `make test`. Where it is
+Chromium is the Debian package `chromium`; scripts/ensure-tool.sh installs it for `make test`. Where it is
 missing the tests that need it fail (never skip): a report nobody opened in a browser is not checked.
 """
 
@@ -27,7 +27,7 @@ def chromium_path() -> str:
         if found := shutil.which(name):
             return found
     pytest.fail("Chromium is not installed: the report.html tests open the page in it. Install the Debian package "
-                "(apt-get install -y chromium), or run `bash scripts/ensure-chromium.sh`, which `make test` runs.")
+                "(apt-get install -y chromium), or run `make services`, which `make test` runs.")
 
 
 class Browser:

@@ -123,7 +123,7 @@ def service_env(database_url: str, broker_url: str, data_dir: Path, **overrides:
 
 def start_worker(env: dict[str, str], logs: Path, name: str) -> subprocess.Popen:
     logs.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--queues", "cpu,gpu",
+    return subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--queues", "cpu,gpu,webhooks",
                              "--hostname", f"{name}@%h"], env=env, cwd=ROOT,
                             stdout=open(logs / f"{name}.log", "ab"), stderr=subprocess.STDOUT)
 

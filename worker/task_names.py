@@ -7,6 +7,7 @@ RUN_JOB = "quantserve.jobs.run"
 QUEUE_FOR_DEVICE = {"cpu": "cpu", "cuda": "gpu"}
 VALIDATION_QUEUE = "cpu"  # validation reads files on the CPU, whatever device the job will use
 DELIVER_WEBHOOK = "quantserve.webhooks.deliver"
-# Deliveries share the cpu queue: every worker consumes it, and an attempt is one short HTTP request. Behind
-# long jobs on every thread a delivery waits; the sweeper then publishes it again when its lease runs out.
-WEBHOOK_QUEUE = "cpu"
+# Deliveries have their own queue: they must not wait behind long jobs, and in compose the workers that run
+# hostile files have no way out of their internal network, so a `notifier` that runs no model consumes it
+# there. A plain `quantserve worker` (and `serve`) consumes it beside cpu.
+WEBHOOK_QUEUE = "webhooks"

@@ -133,7 +133,7 @@ def test_a_worker_that_stops_removes_itself(service: Service, db: Engine) -> Non
             assert worker.poll() is None, "the worker exited"
             time.sleep(0.5)
         assert row is not None, "the worker never registered"
-        assert row.queues == ["cpu"]  # asked for cpu,gpu on a host without CUDA
+        assert row.queues == ["cpu", "webhooks"]  # asked for cpu,gpu,webhooks on a host without CUDA
         assert row.capabilities["cpu"] and "cuda" not in row.devices
     finally:
         stop(worker)

@@ -7,7 +7,6 @@ import re
 import shutil
 import subprocess
 
-import pytest
 import yaml
 
 from tests.conftest import ROOT
@@ -42,8 +41,9 @@ def test_the_dashboard_is_valid_json_reading_quantserve_metrics_only() -> None:
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed")
 def test_compose_validates_and_every_worker_is_hardened_on_the_internal_network() -> None:
+    assert shutil.which("docker-compose"), ("docker-compose is not installed: apt-get install -y docker-compose "
+                                            "(`make services` does it where it can)")
     out = subprocess.run(["docker-compose", "--profile", "scale", "--profile", "gpu", "config"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -51,6 +51,10 @@ def test_compose_validates_and_every_worker_is_hardened_on_the_internal_network(
     assert config["networks"]["backend"].get("internal") is True
     workers = {name: s for name, s in config["services"].items() if name.startswith("worker")}
     assert len(workers) == 4, sorted(workers)
+    # the notifier sends webhooks out and runs no model: hardened alike, but on the outside network too
+    notifier = config["services"]["notifier"]
+    assert notifier["command"][-3:] == ["webhooks", "--concurrency", "4"] and notifier["cap_drop"] == ["ALL"]
+    assert all(w["command"][w["command"].index("--queues") + 1] in ("cpu", "gpu") for w in workers.values())
     for name, service in workers.items():
         assert service["cap_drop"] == ["ALL"], name
         assert "no-new-privileges:true" in service["security_opt"], name
