@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.deps import SessionDep, SettingsDep, StorageDep, TenantDep
-from app.errors import ConflictError, NotFoundError
+from app.errors import NotFoundError
 from app.models import Artifact, Job
 from app.routes import webhooks
 from app.routes.downloads import Redirect, file_response
@@ -103,12 +103,7 @@ def job_logs(job_id: uuid.UUID, session: SessionDep, tenant_id: TenantDep,
 
 @router.get("/jobs/{job_id}/report")
 def job_report(job_id: uuid.UUID, session: SessionDep, tenant_id: TenantDep, storage: StorageDep) -> Any:
-    job = tenant_get(session, Job, tenant_id, job_id, what="job")
-    if job.status != "succeeded":
-        raise ConflictError(f"job {job_id} is {job.status}; a report exists once it has succeeded")
-    report = next((a for a in jobs.artifacts_of(session, [job.id])[job.id] if a.kind == "report"), None)
-    if report is None:
-        raise NotFoundError(f"job {job_id} has no report")
+    report = jobs.report_artifact(session, tenant_id, job_id, "report")
     with storage.open(report.storage_key) as fh:
         return JSONResponse(json.load(fh))
 

@@ -18,6 +18,7 @@ from app.errors import (
     DatasetMismatchError,
     MethodUnavailableError,
     ModelNotReadyError,
+    NotFoundError,
     ValidationFailedError,
 )
 from app.ids import uuid7
@@ -253,3 +254,17 @@ def artifacts_of(session: Session, job_ids: list[uuid.UUID]) -> dict[uuid.UUID, 
         for a in session.scalars(select(Artifact).where(Artifact.job_id.in_(job_ids)).order_by(Artifact.id)):
             out[a.job_id].append(a)
     return out
+
+
+def report_artifact(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID, kind: str) -> Artifact:
+    """The job's report artifact of this kind (report, report_html). A job that failed as target_not_met keeps
+    its best candidate's report, so what counts is whether one was stored, not the status."""
+    job = tenant_get(session, Job, tenant_id, job_id, what="job")
+    found = next((a for a in artifacts_of(session, [job.id])[job.id] if a.kind == kind), None)
+    if found is not None:
+        return found
+    if job.status != "succeeded":
+        raise ConflictError(f"job {job_id} is {job.status} and has no report; a report exists once it has "
+                            "succeeded, or failed as target_not_met with its best candidate")
+    hint = f"; its report.json is at /v1/jobs/{job_id}/report" if kind == "report_html" else ""
+    raise NotFoundError(f"job {job_id} has no {'report.html' if kind == 'report_html' else 'report'}{hint}")

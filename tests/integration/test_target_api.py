@@ -71,6 +71,11 @@ def test_target_not_met_fails_cleanly_and_its_best_candidate_downloads(service: 
     assert model.stat().st_size == job["metrics"]["size"]["quantized_bytes"]
     logs = service.client("target").get(f"/v1/jobs/{job['id']}/logs").text
     assert "target_not_met" in logs
+    # the best candidate's report is served like a succeeded job's, page included
+    report = service.client("target").get(f"/v1/jobs/{job['id']}/report")
+    assert report.status_code == 200 and report.json()["metrics"]["target"]["met"] is False
+    page = service.client("target").get(f"/v1/jobs/{job['id']}/report.html")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
 
 
 def test_capabilities_say_which_methods_take_a_target_and_others_refuse_it(service: Service,
