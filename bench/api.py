@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from app.models import ApiKey, Artifact, Job  # noqa: E402
 from app.services import keys  # noqa: E402
 from bench import wrk_runner  # noqa: E402
 from bench.uploads import measure_uploads  # noqa: E402
-from tests.conftest import free_port, fresh_pg_database  # noqa: E402
+from tests.conftest import free_port, fresh_pg_database, stop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS = os.environ.get("QUANTSERVE_TEST_REDIS", "redis://127.0.0.1:6379") + "/14"
@@ -72,19 +71,6 @@ def start(cmd: list[str], env: dict[str, str], health: str, log: Path) -> subpro
     raise TimeoutError(f"{health} did not answer")
 
 
-def stop(proc: subprocess.Popen, timeout: float = 60) -> float:
-    """SIGTERM; seconds until it exited (inf if it had to be killed)."""
-    started = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        return float("inf")
-    return time.monotonic() - started
-
-
 def fmt_errors(errors: dict[str, int]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in errors.items()) or "0"
 
@@ -122,8 +108,8 @@ def production(args: argparse.Namespace, work: Path) -> tuple[list[str], list[st
                 notes += measure_uploads(f"http://127.0.0.1:{qs_port}", key, qs_url, qs.pid, work,
                                          size=int(args.upload_gib * 1024**3))
         finally:
-            stop(bare)
-            stop(qs)
+            stop(bare, timeout=60)
+            stop(qs, timeout=60)
     return rows, notes
 
 
@@ -142,7 +128,7 @@ def embedded(args: argparse.Namespace, work: Path) -> tuple[list[str], list[str]
             q = wrk_runner.run(url, c, args.duration, {"Authorization": f"Bearer {key}"})
             rows.append(f"| {c} | {q.rps:,.0f} | {q.p50_ms:.1f} | {q.p99_ms:.1f} | {fmt_errors(q.errors())} |")
     finally:
-        stopped = stop(serve)
+        stopped = stop(serve, timeout=60)
     return rows, [f"- `quantserve serve` stopped {stopped:.1f} s after SIGTERM, right after the last load run"]
 
 

@@ -42,7 +42,9 @@ def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = N
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
-def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+def stop(proc: subprocess.Popen, timeout: float = 15.0) -> float:
+    """SIGTERM, then SIGKILL after `timeout`; the seconds it took to exit (inf if it had to be killed)."""
+    started = time.monotonic()
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -50,6 +52,8 @@ def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+            return float("inf")
+    return time.monotonic() - started
 
 
 @dataclass

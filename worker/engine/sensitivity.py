@@ -126,6 +126,28 @@ def prefix_steps(count: int) -> list[int]:
     return [*steps, count] if count else []
 
 
+def shortest_reaching(count: int, attempt: Callable[[int], bool], stop: Callable[[int], bool]) -> str | None:
+    """Try prefix lengths growing by half (prefix_steps) until attempt(k) reaches the goal, then bisect back to
+    the shortest that still does; attempt keeps what it wants. stop(k), asked before each try, ends the search
+    early. Returns "stopped" when stop ended it, "reached" or None (no prefix reached the goal)."""
+    short = 0  # the longest prefix known to fall short
+    for k in prefix_steps(count):
+        if stop(k):
+            return "stopped"
+        if attempt(k):
+            while k - short > 1:
+                middle = (k + short) // 2
+                if stop(middle):
+                    return "reached"
+                if attempt(middle):
+                    k = middle
+                else:
+                    short = middle
+            return "reached"
+        short = k
+    return None
+
+
 Build = Callable[[frozenset[str]], Path]  # node names kept at higher precision -> the file written
 Judge = Callable[[Path], Figures]
 
@@ -190,18 +212,7 @@ def smallest_prefix(ranked: Sequence[str], build: Build, judge: Judge, the_goal:
             dropped.unlink(missing_ok=True)
         return reached
 
-    short = 0
-    for k in prefix_steps(len(ranked)):
-        if time.monotonic() > deadline:
-            result.stopped_by = "budget"
-            return result
-        if attempt(k):
-            while k - short > 1 and time.monotonic() <= deadline:
-                middle = (k + short) // 2
-                if attempt(middle):
-                    k = middle
-                else:
-                    short = middle
-            return result
-        short = k
+    ended = shortest_reaching(len(ranked), attempt, lambda _k: time.monotonic() > deadline)
+    if ended == "stopped":
+        result.stopped_by = "budget"
     return result

@@ -18,7 +18,6 @@ import numpy as np
 from worker.engine import metrics as m
 from worker.engine.errors import EngineError
 from worker.engine.onnx import common as onnx_common
-from worker.engine.onnx import validate
 from worker.engine.onnx import weight_only_mixed as mixed
 
 if TYPE_CHECKING:
@@ -169,13 +168,9 @@ def apply(ctx: JobContext, chosen: Delivered, build: Callable[..., Path], model:
                       candidates, original_bytes=model_path.stat().st_size,
                       reference=mixed.reference_outputs(model_path, batches), batches=batches, feed=feed,
                       layer_names=layer_names)
-    if result.path is not None:
-        try:
-            validate.check_artifact(result.path, feed, full_check=full_check)
-        except validate.ArtifactInvalidError as failure:
-            warnings.append(f"bits auto: the int4/int8 mix wrote an invalid model ({failure.stage}: "
-                            f"{failure.message[:200]}); every layer stays at 4 bits")
-            return mixed.Promotion(measured=True, before=result.before, after=result.before, budget=result.budget)
+    if result.path is not None and not mixed.valid_or_warn(result.path, feed, full_check,
+                                                            "bits auto: the int4/int8 mix", warnings):
+        return mixed.Promotion(measured=True, before=result.before, after=result.before, budget=result.budget)
     delivered = result.budget["delivered"] if result.budget else {}
     warnings.append(f"bits auto: {len(result.promoted)} of {len(candidates)} layers at 8 bits, the rest at 4, "
                     f"{delivered.get('size_ratio')}x the float file; tuning cosine {result.before:.4f} all-4-bit -> "

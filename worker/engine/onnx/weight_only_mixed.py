@@ -23,7 +23,7 @@ from worker.engine import evaluate
 from worker.engine import metrics as m
 from worker.engine.onnx import common as onnx_common
 from worker.engine.onnx import deliver, validate
-from worker.engine.sensitivity import prefix_steps
+from worker.engine.sensitivity import shortest_reaching
 
 if TYPE_CHECKING:
     import onnx
@@ -99,7 +99,7 @@ def promote(ctx: JobContext, build: Build, first: Path, candidates: Mapping[str,
     # nearly free, the word embedding (11.7 M weights, +0.003) is not
     ranked = sorted((n for n in candidates if result.gains[n] > 0),
                     key=lambda n: result.gains[n] / candidates[n], reverse=True)
-    budget, over_budget = MAX_PROMOTED_SHARE * sum(candidates.values()), False
+    budget = MAX_PROMOTED_SHARE * sum(candidates.values())
 
     def attempt(k: int) -> bool:
         """Build with the first k ranked at 8 bits; keep it if it is the fewest reaching the target so far, or the
@@ -116,21 +116,15 @@ def promote(ctx: JobContext, build: Build, first: Path, candidates: Mapping[str,
             dropped.unlink(missing_ok=True)
         return reached
 
-    short = 0  # the longest prefix known to fall short
-    for k in prefix_steps(len(ranked)):
-        over_budget = sum(candidates[n] for n in ranked[:k]) > budget
-        if over_budget:
-            break
-        if attempt(k):
-            # the steps grow by half: bisect back to the shortest prefix that still reaches the target
-            while k - short > 1:
-                middle = (k + short) // 2
-                if attempt(middle):
-                    k = middle
-                else:
-                    short = middle
-            return result
-        short = k
+    over_budget = False
+
+    def over(k: int) -> bool:
+        nonlocal over_budget
+        over_budget = over_budget or sum(candidates[n] for n in ranked[:k]) > budget
+        return over_budget
+
+    if shortest_reaching(len(ranked), attempt, over) == "reached":
+        return result
     why = (f"8-bit layers were limited to {MAX_PROMOTED_SHARE:.0%} of the quantized weights, to stay closer to "
            "int4 than to int8 in size") if over_budget else "every layer that gained at 8 bits was kept at 8 bits"
     result.note = f"{why}; best tuning cosine {result.after:.4f}"
@@ -165,11 +159,8 @@ def apply(ctx: JobContext, chosen: deliver.Delivered, build: Callable[..., Path]
                     excluded | chosen.kept_float, gather=chosen.variant.options["gather"], model_path=model_path,
                     batches=batches)
     if result.path is not None:
-        try:
-            validate.check_artifact(result.path, feed, full_check=full_check)
-        except validate.ArtifactInvalidError as failure:
-            warnings.append(f"keeping the most error-sensitive layers at 8 bits wrote an invalid model "
-                            f"({failure.stage}: {failure.message[:200]}); every layer stays at 4 bits")
+        if not valid_or_warn(result.path, feed, full_check, "keeping the most error-sensitive layers at 8 bits",
+                             warnings):
             return Promotion(measured=True, before=result.before, after=result.before)
         names = ", ".join(f"{layer_names.get(n, n)} (+{result.gains[n]:.4f} alone)" for n in result.promoted)
         warnings.append(f"kept {len(result.promoted)} of {len(result.gains)} layers at 8 bits instead of 4: at 4 "
@@ -180,3 +171,15 @@ def apply(ctx: JobContext, chosen: deliver.Delivered, build: Callable[..., Path]
         warnings.append(f"int4 fidelity stays below the target: tuning cosine {result.after:.4f} < "
                         f"{TARGET_COSINE} ({result.note}); group_size 32 or dtype int8 would be more faithful")
     return result
+
+
+def valid_or_warn(path: Path, feed: Mapping[str, np.ndarray], full_check: bool, what: str,
+                  warnings: list[str]) -> bool:
+    """Whether a mixed int4/int8 file validates like every artifact; if not, the plain words in `warnings`."""
+    try:
+        validate.check_artifact(path, feed, full_check=full_check)
+    except validate.ArtifactInvalidError as failure:
+        warnings.append(f"{what} wrote an invalid model ({failure.stage}: {failure.message[:200]}); every layer "
+                        "stays at 4 bits")
+        return False
+    return True
