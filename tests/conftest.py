@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,10 +23,29 @@ PG_ADMIN_URL = os.environ.get("QUANTSERVE_TEST_PG", "postgresql+psycopg://postgr
 REDIS_URL = os.environ.get("QUANTSERVE_TEST_REDIS", "redis://127.0.0.1:6379")
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nobody holds, below the kernel's ephemeral range (32768+ on Linux).
+
+    A port the kernel picks for bind(0) comes from the ephemeral range, so between our close and the server's
+    bind an outgoing connection (PostgreSQL, Redis, a Celery worker) can take it as its source port, and the
+    server dies with "address already in use". Ports below that range are never handed out implicitly. A port
+    is also never returned twice in one run.
+    """
+    for _ in range(500):
+        port = random.randint(20000, 32000)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free loopback port between 20000 and 32000")
 
 
 def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:

@@ -69,22 +69,46 @@ def seaweedfs(data_dir: Path, log: Path, timeout: float = 60.0) -> Iterator[S3Se
     config.write_text(json.dumps({"identities": [{
         "name": "quantserve", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
-    args = [binary, "server", f"-dir={data_dir}", "-s3", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-s3.config={config}", "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            # Each bucket is a collection that takes several volumes at its first write: small volumes (files
-            # that grow as written), and many of them, so a run's buckets never find the server full.
-            "-master.volumeSizeLimitMB=64", "-volume.max=300"]
-    for name, port in ports.items():
-        # Explicit gRPC ports: the default (HTTP port + 10000) may be taken, or out of range.
-        args += [f"-{name}.port={port}", f"-{name}.port.grpc={free_port()}"]
-    proc = subprocess.Popen(args, stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
-    server = S3Server(f"http://127.0.0.1:{ports['s3']}", proc)
-    try:
-        _wait_ready(server, timeout)
-        yield server
-    finally:
-        stop(proc)
+    last: Exception | None = None
+    for attempt in range(3):  # a start that dies early (a port lost to a race, say) is retried afresh
+        store = data_dir / f"store-{attempt}"  # never over what a dead start left half-written
+        store.mkdir(parents=True, exist_ok=True)
+        ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
+        args = [binary, "server", f"-dir={store}", "-s3", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                f"-s3.config={config}", "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                # Each bucket is a collection that takes several volumes at its first write: small volumes (files
+                # that grow as written), and many of them, so a run's buckets never find the server full.
+                "-master.volumeSizeLimitMB=64", "-volume.max=300"]
+        for name, port in ports.items():
+            # Explicit gRPC ports: the default (HTTP port + 10000) may be taken, or out of range.
+            args += [f"-{name}.port={port}", f"-{name}.port.grpc={free_port()}"]
+        start = log.stat().st_size if log.exists() else 0
+        proc = subprocess.Popen(args, stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        server = S3Server(f"http://127.0.0.1:{ports['s3']}", proc)
+        try:
+            _wait_ready(server, timeout)
+        except RuntimeError as exc:  # exited early: say why, from its own log, and try again
+            stop(proc)
+            last = RuntimeError(f"{exc}; the end of its log ({log}):\n{_tail(log, start)}")
+            continue
+        except BaseException:
+            stop(proc)
+            raise
+        try:
+            yield server
+        finally:
+            stop(proc)
+        return
+    raise last
+
+
+def _tail(log: Path, start: int, lines: int = 15) -> str:
+    with open(log, "rb") as f:
+        f.seek(start)
+        text = f.read().decode(errors="replace")
+    # glog lines start with a level letter and a date (F1201 06:04:25 ...): keep those, not the Go stack of a fatal.
+    logged = [line for line in text.splitlines() if line[:1] in "IWEF" and line[1:5].isdigit()]
+    return "\n".join(logged[-lines:])
 
 
 def _wait_ready(server: S3Server, timeout: float) -> None:
