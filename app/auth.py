@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.errors import UnauthorizedError
 from app.models import ApiKey
 from app.services.keys import hash_key
+from app.single_flight import SingleFlight
 
 MAX_ENTRIES = 10_000  # keys in use at once are far fewer; a flood of distinct valid keys only costs queries
 
@@ -26,6 +27,7 @@ class KeyCache:
         self.engine = engine
         self.ttl_s = ttl_s
         self._entries: dict[str, tuple[uuid.UUID, float]] = {}
+        self._lookups: SingleFlight[str, uuid.UUID | None] = SingleFlight()  # one query per key at its expiry
 
     async def tenant_of(self, authorization: str | None) -> uuid.UUID:
         if not authorization:
@@ -38,9 +40,7 @@ class KeyCache:
         hit = self._entries.get(digest)
         if hit is not None and hit[1] > now:
             return hit[0]
-        async with self.engine.connect() as conn:
-            tenant_id = await conn.scalar(
-                select(ApiKey.tenant_id).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None)))
+        tenant_id = await self._lookups.do(digest, lambda: self._lookup(digest))
         if tenant_id is None:
             self._entries.pop(digest, None)
             raise UnauthorizedError("unknown or revoked API key")
@@ -49,3 +49,8 @@ class KeyCache:
                 self._entries.clear()
             self._entries[digest] = (tenant_id, now + self.ttl_s)
         return tenant_id
+
+    async def _lookup(self, digest: str) -> uuid.UUID | None:
+        async with self.engine.connect() as conn:
+            return await conn.scalar(
+                select(ApiKey.tenant_id).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None)))

@@ -19,6 +19,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from app.single_flight import SingleFlight
+
 MAX_ENTRIES = 10_000  # a few MB of answers at most; the least recently polled go first
 MAX_AGE_S = 10.0
 
@@ -37,6 +39,8 @@ class JobAnswerCache:
         self._generation: dict[uuid.UUID, int] = {}  # job -> notifications seen while it was being read
         self._epoch = 0  # bumped on every reset: a read from before it stores nothing
         self.enabled = False  # set by JobEvents while its LISTEN connection is up
+        # (tenant, job) -> the read in flight, shared by every poll that misses meanwhile (app/single_flight.py)
+        self.reads: SingleFlight[tuple[uuid.UUID, uuid.UUID], Any] = SingleFlight()
 
     def get(self, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Any | None:
         entry = self._entries.get(job_id)
@@ -70,10 +74,12 @@ class JobAnswerCache:
     def invalidate(self, job_id: uuid.UUID) -> None:
         """The job changed: drop its answer, and fence out reads in flight."""
         self._entries.pop(job_id, None)
+        self.reads.forget_where(lambda key: key[1] == job_id)  # a poll from now on must not join an older read
         if job_id in self._reading:
             self._generation[job_id] = self._generation.get(job_id, 0) + 1
 
     def reset(self) -> None:
         """Notifications may have been missed: forget everything, and fence out every read in flight."""
         self._entries.clear()
+        self.reads.forget_where(lambda _key: True)
         self._epoch += 1

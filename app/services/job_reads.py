@@ -113,12 +113,16 @@ async def read(engine: AsyncEngine, tenant_id: uuid.UUID, job_id: uuid.UUID,
         return await _read(engine, tenant_id, job_id)
     if (cached := cache.get(tenant_id, job_id)) is not None:
         return cached
-    stamp, view = cache.begin(job_id), None
-    try:
-        view = await _read(engine, tenant_id, job_id)
-    finally:
-        cache.end(job_id, stamp, tenant_id, view)
-    return view
+
+    async def read_and_keep() -> JobView | None:
+        stamp, view = cache.begin(job_id), None
+        try:
+            view = await _read(engine, tenant_id, job_id)
+        finally:
+            cache.end(job_id, stamp, tenant_id, view)
+        return view
+
+    return await cache.reads.do((tenant_id, job_id), read_and_keep)
 
 
 async def _read(engine: AsyncEngine, tenant_id: uuid.UUID, job_id: uuid.UUID) -> JobView | None:
