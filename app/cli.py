@@ -74,7 +74,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 # keep-alive clients on one process (2 CPUs), on the polled route and on a bare FastAPI hello: uvloop, 3,400 rps
 # with p99 6 s and some connections waiting the whole 8 s run (wrk's 2 s timeout fired ~100 times); asyncio's own
 # loop, the same rps with p99 160-430 ms and no request over 0.6 s.
-UVICORN_OPTIONS = {"log_level": "info", "access_log": False, "timeout_graceful_shutdown": 5, "loop": "asyncio"}
+UVICORN_OPTIONS = {"log_level": "info", "access_log": False, "timeout_graceful_shutdown": 5, "loop": "asyncio",
+                   "http": "app.http_protocol:NoDelayHttpToolsProtocol"}
 
 
 def cpu_count() -> int:

@@ -85,8 +85,11 @@ def production(args: argparse.Namespace, work: Path) -> tuple[list[str], list[st
         qs_port, bare_port = free_port(), free_port()
         qs = start([sys.executable, "-m", "app.cli", "api", "--port", str(qs_port), "--workers", str(args.workers)],
                    env, f"http://127.0.0.1:{qs_port}/healthz", work / "api.log")
+        # The bare read runs on the same server stack as quantserve (app/cli.py UVICORN_OPTIONS: asyncio's loop, and
+        # TCP_NODELAY on every connection, which uvicorn --workers leaves off): only the request path differs.
         bare = start([sys.executable, "-m", "uvicorn", "bench.bare_api:app", "--port", str(bare_port), "--workers",
-                      str(args.workers), "--no-access-log", "--log-level", "warning"], env,
+                      str(args.workers), "--no-access-log", "--log-level", "warning", "--loop", "asyncio",
+                      "--http", "app.http_protocol:NoDelayHttpToolsProtocol"], env,
                      f"http://127.0.0.1:{bare_port}/docs", work / "bare.log")
         try:
             auth = {"Authorization": f"Bearer {key}"}
