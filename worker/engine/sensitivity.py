@@ -152,6 +152,12 @@ Build = Callable[[frozenset[str]], Path]  # node names kept at higher precision 
 Judge = Callable[[Path], Figures]
 
 
+def unlink(path: Path) -> None:
+    """The default way to drop a candidate: each is a whole model file. A format that builds candidates in
+    memory (torch_export/sensitivity.py) passes its own `discard` and may build any object, not a Path."""
+    path.unlink(missing_ok=True)
+
+
 @dataclass
 class Ranking:
     layers: list[dict[str, Any]] = field(default_factory=list)  # measured, worst first
@@ -160,7 +166,7 @@ class Ranking:
 
 
 def rank(candidates: Sequence[str], build: Build, judge: Judge, the_goal: Goal, deadline: float,
-         progress: Callable[[float], None]) -> Ranking:
+         progress: Callable[[float], None], discard: Callable[[Any], None] = unlink) -> Ranking:
     """Quantize each candidate alone (every other candidate kept) and measure; worst first. `candidates` come
     most-suspect first, so a budget that runs out leaves the least suspect unmeasured."""
     ranking = Ranking()
@@ -175,7 +181,7 @@ def rank(candidates: Sequence[str], build: Build, judge: Judge, the_goal: Goal, 
         progress(i / max(1, len(candidates)))
         path = build(everyone - {node})
         found = judge(path)
-        path.unlink(missing_ok=True)  # each probe is a whole model
+        discard(path)  # each probe is a whole model
         ranking.layers.append({"node": node, "drop": round(the_goal.drop(found), 6), **found.to_dict()})
     ranking.layers.sort(key=lambda r: (-r["drop"], r["cosine"]))
     return ranking
@@ -192,7 +198,7 @@ class Search:
 
 
 def smallest_prefix(ranked: Sequence[str], build: Build, judge: Judge, the_goal: Goal, deadline: float,
-                    before: Figures) -> Search:
+                    before: Figures, discard: Callable[[Any], None] = unlink) -> Search:
     """The shortest prefix of `ranked` whose candidate meets the goal: prefixes grow by half, then bisect back.
     Short of the goal, the candidate with the smallest drop. Only the chosen candidate's file stays on disk."""
     result = Search(figures=before)
@@ -209,7 +215,7 @@ def smallest_prefix(ranked: Sequence[str], build: Build, judge: Judge, the_goal:
             dropped, result.path = result.path, path
             result.kept, result.figures, result.met = list(ranked[:k]), found, reached
         if dropped is not None:
-            dropped.unlink(missing_ok=True)
+            discard(dropped)
         return reached
 
     ended = shortest_reaching(len(ranked), attempt, lambda _k: time.monotonic() > deadline)

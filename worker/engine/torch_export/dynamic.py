@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from worker.engine import evaluate, report
 from worker.engine.errors import EngineError
 from worker.engine.torch_export import common as pt2_common
+from worker.engine.torch_export import sensitivity as pt2_sensitivity
 from worker.engine.torch_export.deliver import measure_saved
 from worker.engine.torch_export.graph import example_args, module_path, reexport, weight_layers
 from worker.engine.torch_export.lowering import lower_dynamic_linears, lower_embeddings
@@ -57,22 +58,28 @@ def _quantizer(config: DynamicConfig, excluded: set[str]):  # noqa: ANN202 - tor
     return ComposableQuantizer([Embeddings(), linears])
 
 
-def _quantize(program: torch.export.ExportedProgram, specs: list[TensorSpec], config: DynamicConfig,
-              excluded: set[str]) -> tuple[torch.export.ExportedProgram, list, torch.fx.GraphModule]:
-    """The exported int8 program, what was lowered, and the lowered module it was exported from."""
+def _convert(program: torch.export.ExportedProgram, specs: list[TensorSpec], config: DynamicConfig,
+             excluded: set[str]) -> tuple[list, torch.fx.GraphModule]:
+    """What was lowered to int8, and the lowered module (eager; re-exported only for the artifact)."""
     import torch
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     args, _ = example_args(program, specs)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"torchao\..*")
-        prepared = prepare_pt2e(program.module(), _quantizer(config, excluded))
-        with torch.no_grad():
-            prepared(*args)  # runs the observers once; dynamic activations need no calibration data
-        converted = convert_pt2e(prepared)
-    lowered = lower_dynamic_linears(converted) + lower_embeddings(converted)
-    result, _ = reexport(converted, program, specs)
-    return result, lowered, converted
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torchao\..*")
+            prepared = prepare_pt2e(program.module(), _quantizer(config, excluded))
+            with torch.no_grad():
+                prepared(*args)  # runs the observers once; dynamic activations need no calibration data
+            converted = convert_pt2e(prepared)
+        lowered = lower_dynamic_linears(converted) + lower_embeddings(converted)
+        converted.recompile()  # the graph edits reach forward() only now; the probes run it
+        return lowered, converted
+    except EngineError:
+        raise
+    except Exception as exc:  # PT2E raises many types on graphs it cannot handle
+        raise EngineError(f"PT2E dynamic quantization failed on this program: {type(exc).__name__}: "
+                          f"{str(exc)[:500]}", code="unsupported") from exc
 
 
 def _coverage_notes(found: list[tuple[str, str, Any]], int8_paths: set[str], excluded: set[str]) -> list[str]:
@@ -117,19 +124,26 @@ def run(ctx: JobContext) -> QuantizeResult:
                      "quantized symmetrically")
 
     ctx.progress("quantizing", 0.10)
+    lowered, lowered_module = _convert(program, specs, config, excluded)
+    if not lowered:
+        raise EngineError("dynamic quantization found no Linear or Embedding layer to quantize in this "
+                          "program", code="nothing_to_quantize")
+    output = ctx.work_dir / f"{ctx.model_name}.int8.pt2"
+    sensed = pt2_sensitivity.analyse(
+        ctx, float_module=float_module, plain=lowered_module, specs=specs, samples=samples, span=(0.15, 0.45),
+        build=lambda kept: _convert(program, specs, config, excluded | kept)[1],
+        candidates=sorted({item.module_path for item in lowered}),
+        plain_bytes=lambda gm: pt2_sensitivity.saved_bytes(gm, program, specs, output))
+    if sensed.kept:  # the target keeps these float: the same build the search measured, delivered
+        excluded |= set(sensed.kept)
+        lowered, lowered_module = _convert(program, specs, config, excluded)
     try:
-        quantized, lowered, lowered_module = _quantize(program, specs, config, excluded)
-    except EngineError:
-        raise
-    except Exception as exc:  # PT2E and re-export raise many types on graphs they cannot handle
+        quantized, _ = reexport(lowered_module, program, specs)
+    except Exception as exc:  # re-export raises many types on graphs it cannot handle
         raise EngineError(f"PT2E dynamic quantization failed on this program: {type(exc).__name__}: "
                           f"{str(exc)[:500]}", code="unsupported") from exc
     int8_paths = {item.module_path for item in lowered}
-    if not int8_paths:
-        raise EngineError("dynamic quantization found no Linear or Embedding layer to quantize in this "
-                          "program", code="nothing_to_quantize")
     notes += _coverage_notes(found, int8_paths, excluded)
-    output = ctx.work_dir / f"{ctx.model_name}.int8.pt2"
 
     def dtypes(path: str, kind: str) -> tuple[str, str]:
         if path not in int8_paths or kind not in ("Linear", "Embedding"):
@@ -138,7 +152,7 @@ def run(ctx: JobContext) -> QuantizeResult:
 
     metrics = measure_saved(ctx, quantized, output, float_module, lowered_module, found, dtypes, specs, samples,
                             f"torch {torch.__version__} (eager)", notes)
-    return QuantizeResult(
+    return pt2_sensitivity.attach(QuantizeResult(
         artifacts=[ArtifactFile(kind="model", path=output, filename=output.name, format="torch_export")],
         metrics=metrics,
         report={"versions": report.runtime_versions(), "host": report.host_info(),
@@ -147,4 +161,4 @@ def run(ctx: JobContext) -> QuantizeResult:
                                          "lowering": "Linear: aten._int_mm with int8 activations per row; "
                                                      "Embedding: uint8 rows dequantized after lookup",
                                          "kept_float": sorted(excluded)}},
-    )
+    ), sensed)

@@ -23,6 +23,7 @@ from worker.engine.errors import EngineError
 from worker.engine.registry import resolve
 from worker.engine.torch_export import common as pt2_common
 from worker.engine.torch_export import int4_cuda
+from worker.engine.torch_export import sensitivity as pt2_sensitivity
 from worker.engine.torch_export.deliver import measure_saved
 from worker.engine.torch_export.graph import module_path, reexport, tensor_attr, weight_layers
 from worker.engine.torch_export.ops import weight_only_embedding, weight_only_linear
@@ -108,8 +109,9 @@ def _group_for(config: WeightOnlyConfig, cols: int) -> int | None:
 
 
 def _lower(gm: fx.GraphModule, targets: list[tuple[str, str, Any]], config: WeightOnlyConfig,
-           notes: list[str]) -> dict[str, str]:
-    """Rewrite each target op to its weight-only form in place; returns {module path: weight dtype}."""
+           notes: list[str], prefix: str = "_weight_only") -> dict[str, str]:
+    """Rewrite each target op to its weight-only form in place; returns {module path: weight dtype}. `prefix`
+    names the new buffers: a second call on the same graph (mixed int4/int8) needs another."""
     done: dict[str, str] = {}
     per_channel, undivided = [], []
     for index, (path, kind, node) in enumerate(targets):
@@ -125,7 +127,7 @@ def _lower(gm: fx.GraphModule, targets: list[tuple[str, str, Any]], config: Weig
         names = {}
         for label, tensor in (("qweight", qweight), ("scale", scale), ("zero", zero)):
             if tensor is not None:
-                names[label] = f"_weight_only_{label}_{index}"
+                names[label] = f"{prefix}_{label}_{index}"
                 gm.register_buffer(names[label], tensor)
         with gm.graph.inserting_before(node):
             attrs = {label: gm.graph.get_attr(name) for label, name in names.items()}
@@ -150,16 +152,16 @@ def _lower(gm: fx.GraphModule, targets: list[tuple[str, str, Any]], config: Weig
     return done
 
 
-def _quantize(program: torch.export.ExportedProgram, specs: list, config: WeightOnlyConfig,
-              targets_of: Any, notes: list[str],
-              lower: Any = _lower) -> tuple[torch.export.ExportedProgram, dict[str, str], fx.GraphModule]:
-    """The exported program, {module path: weight dtype}, and the lowered module it was exported from."""
-    gm = program.module()
-    done = lower(gm, targets_of(gm), config, notes)
-    if not done:
-        return program, done, gm
-    result, _ = reexport(gm, program, specs)
-    return result, done, gm
+def lower_mixed(gm: fx.GraphModule, targets: list[tuple[str, str, Any]], config: WeightOnlyConfig,
+                notes: list[str], at_int8: set[str]) -> dict[str, str]:
+    """int4 (config) on every target but those in `at_int8`, which get int8 with the same group size and
+    symmetry: the higher precision a target or bits 'auto' keeps a sensitive layer at, cheaper than float."""
+    eight: list[str] = []
+    done = _lower(gm, [t for t in targets if t[0] in at_int8], config.model_copy(update={"dtype": "int8"}), eight,
+                  prefix="_weight_only8")
+    done |= _lower(gm, [t for t in targets if t[0] not in at_int8], config, notes)
+    notes += [note for note in eight if note not in notes]
+    return done
 
 
 def run(ctx: JobContext) -> QuantizeResult:
@@ -187,29 +189,53 @@ def run(ctx: JobContext) -> QuantizeResult:
     candidates = sorted({path for path, _, _ in _weight_nodes(float_module)})
     excluded = {p for p in candidates if config.excludes(p)}
 
-    def targets_of(gm: fx.GraphModule) -> list[tuple[str, str, Any]]:
-        return [t for t in _weight_nodes(gm) if t[0] not in excluded]
-
     notes: list[str] = []
+    # a layer the target keeps: int8 where the rest is int4 on cpu; float where it is int8, or int4 on cuda
+    keep_as = "int8" if config.dtype == "int4" and not on_cuda else "float"
+
+    def build(kept: frozenset[str] = frozenset(), sink: list[str] | None = None) -> fx.GraphModule:
+        """A fresh copy of the program with its weights lowered; gm.meta["done"] = {module path: dtype}."""
+        gm = program.module()
+        targets = [t for t in _weight_nodes(gm) if t[0] not in excluded and (keep_as == "int8" or t[0] not in kept)]
+        said = [] if sink is None else sink
+        try:
+            if keep_as == "int8" and kept:
+                gm.meta["done"] = lower_mixed(gm, targets, config, said, set(kept))
+            else:
+                gm.meta["done"] = (int4_cuda.lower if on_cuda else _lower)(gm, targets, config, said)
+            gm.recompile()  # the graph edits reach forward() only now; the probes run it
+        except EngineError:
+            raise
+        except Exception as exc:  # torchao raises many types on graphs it cannot handle
+            raise EngineError(f"weight-only quantization failed on this program: {type(exc).__name__}: "
+                              f"{str(exc)[:500]}", code="unsupported") from exc
+        return gm
+
     ctx.progress("quantizing", 0.10)
-    try:
-        quantized, done, lowered_module = _quantize(program, specs, config, targets_of, notes,
-                                                    int4_cuda.lower if on_cuda else _lower)
-    except EngineError:
-        raise
-    except Exception as exc:  # torchao and re-export raise many types on graphs they cannot handle
-        raise EngineError(f"weight-only quantization failed on this program: {type(exc).__name__}: "
-                          f"{str(exc)[:500]}", code="unsupported") from exc
-    if not done:
+    lowered_module = build(sink=notes)
+    if not lowered_module.meta["done"]:
         raise EngineError("weight-only quantization found no Linear or Embedding layer to quantize in this "
                           "program", code="nothing_to_quantize")
+    output = ctx.work_dir / f"{ctx.model_name}.{config.dtype}.pt2"
+    sensed = pt2_sensitivity.analyse(
+        ctx, float_module=float_module, plain=lowered_module, build=build, specs=specs, samples=samples,
+        candidates=sorted(lowered_module.meta["done"]), keep_as=keep_as, device=device, span=(0.15, 0.50),
+        plain_bytes=lambda gm: pt2_sensitivity.saved_bytes(gm, program, specs, output))
+    if sensed.kept:  # the target keeps these at higher precision: the same build the search measured, delivered
+        notes = []
+        lowered_module = build(frozenset(sensed.kept), sink=notes)
+    done = lowered_module.meta["done"]
+    try:
+        quantized, _ = reexport(lowered_module, program, specs)
+    except Exception as exc:  # re-export raises many types on graphs it cannot handle
+        raise EngineError(f"weight-only quantization failed on this program: {type(exc).__name__}: "
+                          f"{str(exc)[:500]}", code="unsupported") from exc
     other = sorted({f"{p} ({kind})" for p, kind, _ in found if kind not in ("Linear", "Embedding")})
     if other:
         notes.append(f"{len(other)} weight layer(s) stayed float: weight-only here covers Linear and "
                      f"Embedding: {', '.join(other[:10])}")
     if excluded:
         notes.append(f"kept float as asked (exclude): {', '.join(sorted(excluded)[:10])}")
-    output = ctx.work_dir / f"{ctx.model_name}.{config.dtype}.pt2"
     activation = "bfloat16" if on_cuda else "float32"  # the int4 CUDA kernel takes bfloat16 activations
     runtime = (f"torch {torch.__version__} on cuda (eager, int4 aten._weight_int4pack_mm) vs float eager on cuda"
                if on_cuda else f"torch {torch.__version__} (eager, torchao)")
@@ -222,7 +248,7 @@ def run(ctx: JobContext) -> QuantizeResult:
                      "otherwise), round to nearest",
         "lowering": "weights stored int8 (int4: two per byte) with float scales; dequantized with core ATen ops "
                     "at each call, so the .pt2 needs torch only"}
-    return QuantizeResult(
+    return pt2_sensitivity.attach(QuantizeResult(
         artifacts=[ArtifactFile(kind="model", path=output, filename=output.name, format="torch_export")],
         metrics=metrics,
         report={"versions": report.runtime_versions(), "host": report.host_info(),
@@ -230,5 +256,5 @@ def run(ctx: JobContext) -> QuantizeResult:
                     **method, "dtype": config.dtype, "group_size": group,
                     "symmetric": config.symmetric and not on_cuda,  # tinygemm's int4 is asymmetric
                     "algorithm": config.algorithm, "device": accelerator.describe(device),
-                    "kept_float": sorted(excluded)}},
-    )
+                    "kept_float": sorted(excluded), f"kept_{keep_as}_for_target": sensed.kept}},
+    ), sensed)
