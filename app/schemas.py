@@ -32,7 +32,8 @@ from quantserve_client.schemas import (  # noqa: F401  (re-exported: routes impo
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model_id: uuid.UUID
-    method: str = Field(description="dynamic | static | qat | weight_only; see /v1/capabilities.")
+    method: str = Field(description="dynamic | static | qat | weight_only | auto (a sweep of the others); see "
+                        "/v1/capabilities.")
     config: dict[str, Any] = Field(default_factory=dict, description="The method's options.")
     calibration_dataset_id: uuid.UUID | None = None
     training_dataset_id: uuid.UUID | None = None

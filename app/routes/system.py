@@ -17,6 +17,7 @@ from app.models import Worker
 from app.schemas import Capabilities
 from app.services import workers
 from worker.engine.registry import SPECS
+from worker.engine.types import Method
 from worker.task_names import QUEUE_FOR_DEVICE
 
 router = APIRouter()
@@ -80,8 +81,9 @@ def capabilities_document(live_workers: list[Worker] | None = None) -> dict[str,
             "options": spec.config_model.model_json_schema(), "status": spec.status.value,
             "needs_calibration": spec.needs_calibration, "needs_training": spec.needs_training,
             "supports_target": spec.supports_target, "target_metrics": list(spec.target_metrics),
-            "supports_auto_bits": spec.supports_auto_bits,
+            "supports_auto_bits": spec.supports_auto_bits, "sweep_candidates": list(spec.sweep_candidates),
         }
+        formats[spec.format.value]["supports_auto"] = any(f == spec.format and m == Method.auto for f, m in SPECS)
     devices = sorted({d.value for s in SPECS.values() for d in s.devices})
     live = workers.live_devices(live_workers or [])
     return {"formats": formats, "devices": devices, "queues": sorted({QUEUE_FOR_DEVICE[d] for d in devices}),

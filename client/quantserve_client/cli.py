@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", parents=[common], help="upload a model (or take an uploaded one) and "
                                                              "submit a quantization job")
     submit.add_argument("model", help="a model file to upload, or the id of an uploaded model")
-    submit.add_argument("--method", required=True, help="dynamic | static | qat | weight_only")
+    submit.add_argument("--method", required=True, help="dynamic | static | qat | weight_only | auto")
     for role in ("calibration", "training", "evaluation"):
         submit.add_argument(f"--{role}", metavar="DATASET", help=f"{role} dataset: a .npz/.jsonl file to upload, "
                                                                  "or a dataset id")

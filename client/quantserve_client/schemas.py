@@ -129,10 +129,14 @@ class MethodCapability(BaseModel):
     target_metrics: list[str] = Field(default_factory=list, description="The target metrics this method measures.")
     supports_auto_bits: bool = Field(False, description="config.bits 'auto' is honoured: int4/int8 per layer under "
                                      "max_size_ratio / max_latency_ms.")
+    sweep_candidates: list[str] = Field(default_factory=list, description="Method auto only: the candidates its "
+                                        "sweep may run (config.candidates), those the model and data allow.")
 
 
 class FormatCapability(BaseModel):
     methods: dict[str, MethodCapability]
+    supports_auto: bool = Field(False, description="method 'auto' is offered: a sweep of this format's methods in "
+                                "one job, delivering the fastest candidate that meets the target (metrics.sweep).")
 
 
 class LiveDevice(BaseModel):

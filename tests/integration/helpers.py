@@ -37,3 +37,17 @@ def download(client: httpx.Client, artifact: dict, dest: Path) -> Path:
     dest.write_bytes(response.content)
     assert hashlib.sha256(response.content).hexdigest() == artifact["sha256"]
     return dest
+
+
+def digits_inputs(client: httpx.Client, model_path: Path, tmp: Path) -> dict[str, str]:
+    """A digits ONNX model uploaded with 128 calibration digits and the labelled held-out set: the ids a job
+    body takes (model_id, calibration_dataset_id, evaluation_dataset_id)."""
+    from tests import models
+
+    x_train, _, x_test, y_test = models.digits_data()
+    model = upload_model(client, model_path)
+    assert model["status"] == "ready", model["error"]
+    return {"model_id": model["id"],
+            "calibration_dataset_id": upload_dataset(client, models.save_npz(tmp / "cal.npz", x=x_train[:128]))["id"],
+            "evaluation_dataset_id": upload_dataset(client, models.save_npz(tmp / "ev.npz", x=x_test,
+                                                                            labels=y_test))["id"]}

@@ -9,22 +9,15 @@ import torch
 
 from tests import models
 from tests.conftest import Service, wait_for
-from tests.integration.helpers import download, submit, upload_dataset, upload_model
+from tests.integration.helpers import digits_inputs, download, submit, upload_model
 
 
 @pytest.fixture(scope="module")
 def spread(service: Service, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The digits CNN whose channel ranges per-tensor static int8 cannot hold (tests/models.py)."""
     tmp = tmp_path_factory.mktemp("target")
-    x_train, _, x_test, y_test = models.digits_data()
-    client = service.client("target")
     path = models.export_onnx(models.spread_digits_cnn(), torch.zeros(2, 1, 8, 8), tmp / "spread-cnn.onnx")
-    model = upload_model(client, path)
-    assert model["status"] == "ready", model["error"]
-    return {"model_id": model["id"],
-            "calibration_dataset_id": upload_dataset(client, models.save_npz(tmp / "cal.npz", x=x_train[:128]))["id"],
-            "evaluation_dataset_id": upload_dataset(client, models.save_npz(tmp / "ev.npz", x=x_test,
-                                                                            labels=y_test))["id"]}
+    return digits_inputs(service.client("target"), path, tmp)
 
 
 def _job(service: Service, spread: dict[str, str], config: dict) -> dict:

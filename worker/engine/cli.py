@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quantserve quantize", description=HELP)
     p.add_argument("model", type=Path, help="an .onnx, TorchScript or torch.export .pt2 file, or a Hugging Face "
                                             "folder (config.json + *.safetensors), as is or zipped")
-    p.add_argument("--method", required=True, help="dynamic | static | qat | weight_only")
+    p.add_argument("--method", required=True, help="dynamic | static | qat | weight_only | auto")
     p.add_argument("--config", default="{}", help='method options as JSON, e.g. \'{"granularity": "per_tensor"}\'')
     p.add_argument("--calibration", type=Path, help=".npz calibration data (static, gptq/awq); .jsonl texts for hf")
     p.add_argument("--training", type=Path, help=".npz training data (qat)")

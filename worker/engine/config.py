@@ -162,3 +162,31 @@ class WeightOnlyConfig(MethodConfig):
     def required_datasets(self) -> set[str]:
         # gptq and awq fit the rounding to activations, so they cannot run without calibration samples
         return {"calibration"} if self.algorithm in ("gptq", "awq") else set()
+
+
+# method auto's candidates, in the order they run (registry: MethodSpec.sweep_candidates; worker/engine/sweep.py
+# maps each to its method and options)
+SweepCandidate = Literal["dynamic", "static_minmax", "static_entropy", "weight_only_int8", "weight_only_int4"]
+STATIC_CANDIDATES = frozenset({"static_minmax", "static_entropy"})
+
+
+class AutoConfig(MethodConfig):
+    """A sweep: the candidate methods the model and data allow, each measured alike; delivers the fastest that
+    meets the target (else the default goal), the others stay downloadable."""
+
+    candidates: tuple[SweepCandidate, ...] | None = Field(
+        None, description="Which candidates to run (default: every one the model and data allow; static ones only "
+        "with a calibration dataset). Naming a static one makes calibration_dataset_id required.")
+    budget_s: float = Field(1800.0, gt=0.0, le=7200.0, description="Seconds the sweep may spend; a candidate not "
+                            "started by then is listed as skipped (code budget_exceeded).")
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidates_listed_once(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and (not value or len(set(value)) != len(value)):
+            raise ValueError("give each candidate at most once, and at least one (or leave candidates out)")
+        return value
+
+    def required_datasets(self) -> set[str]:
+        # asked for by name, a static candidate cannot be skipped quietly for want of calibration samples
+        return {"calibration"} if self.candidates and STATIC_CANDIDATES & set(self.candidates) else set()

@@ -126,23 +126,29 @@ def accuracy_top1(logits: Sequence[np.ndarray], labels: np.ndarray) -> float | N
 
 def interleaved_latency(float_fn: Callable[[], Any], quant_fn: Callable[[], Any], warmup: int,
                         runs: int) -> tuple[float, float]:
-    """Median ms per call of each function, calls alternated in one process.
+    """Median ms per call of each function, calls alternated in one process (interleaved_latencies)."""
+    float_ms, quant_ms = interleaved_latencies([float_fn, quant_fn], warmup, runs)
+    return float_ms, quant_ms
 
-    Alternating (and swapping which goes first every round) spreads CPU frequency changes and
-    noisy neighbours evenly over both models, which back-to-back blocks of runs do not.
+
+def interleaved_latencies(fns: Sequence[Callable[[], Any]], warmup: int, runs: int) -> list[float]:
+    """Median ms per call of each function, one call of each per round in one process.
+
+    Alternating (and reversing the order every round) spreads CPU frequency changes and noisy neighbours
+    evenly over every model, which back-to-back blocks of runs do not; method auto compares all of its
+    candidates this way, so their figures share one stretch of time.
     """
     for _ in range(max(0, warmup)):
-        float_fn()
-        quant_fn()
-    float_ns: list[int] = []
-    quant_ns: list[int] = []
+        for fn in fns:
+            fn()
+    timings: list[list[int]] = [[] for _ in fns]
+    order = list(zip(fns, timings, strict=True))
     for i in range(max(1, runs)):
-        order = ((float_fn, float_ns), (quant_fn, quant_ns))
         for fn, sink in order if i % 2 == 0 else order[::-1]:
             start = time.perf_counter_ns()
             fn()
             sink.append(time.perf_counter_ns() - start)
-    return float(np.median(float_ns)) / 1e6, float(np.median(quant_ns)) / 1e6
+    return [float(np.median(ns)) / 1e6 for ns in timings]
 
 
 def fake_quantize_weight(w: np.ndarray, *, symmetric: bool, axis: int | None, reduce_range: bool = False

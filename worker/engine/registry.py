@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final, NamedTuple
 
 from worker.engine.config import (
+    AutoConfig,
     DynamicConfig,
     MethodConfig,
     QATConfig,
@@ -36,6 +37,8 @@ class MethodSpec(NamedTuple):
     target_metrics: tuple[str, ...] = ()
     # weight_only bits "auto": int4/int8 per layer under a size or latency budget
     supports_auto_bits: bool = False
+    # method auto: the candidates its sweep may run (worker/engine/sweep.py), those the model and data allow
+    sweep_candidates: tuple[str, ...] = ()
 
     def config_problems(self, config: MethodConfig, device: Device | str | None = None) -> list[tuple[str, str]]:
         """What `config` asks of this pair that the backend cannot do on `device`. Without a device: only
@@ -149,6 +152,10 @@ SPECS: Final[Mapping[tuple[ModelFormat, Method], MethodSpec]] = {
         MethodSpec(ModelFormat.onnx, Method.weight_only, WeightOnlyConfig,
                    "worker.engine.onnx.weight_only:run", _CPU, Status.stable, dtypes=("int8", "int4"),
                    option_limits=_onnx_weight_only_limits, supports_auto_bits=True),
+        MethodSpec(ModelFormat.onnx, Method.auto, AutoConfig, "worker.engine.onnx.auto:run", _CPU,
+                   Status.experimental, dtypes=("int8", "int4"), **_ONNX_TARGET,
+                   sweep_candidates=("dynamic", "static_minmax", "static_entropy", "weight_only_int8",
+                                     "weight_only_int4")),
         MethodSpec(ModelFormat.torchscript, Method.dynamic, DynamicConfig,
                    "worker.engine.torchscript.dynamic:run", _CPU, Status.legacy),
         MethodSpec(ModelFormat.torch_export, Method.dynamic, DynamicConfig,

@@ -25,7 +25,7 @@ STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:#111827;margin:0;background:#f8fafc}
 main{max-width:980px;margin:0 auto;padding:24px}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #e5e7eb}
-.muted{color:#6b7280}.tiles{display:flex;flex-wrap:wrap;gap:12px;margin:16px 0}
+.muted{color:#6b7280}tr.recommended td{background:#ecfdf5}.tiles{display:flex;flex-wrap:wrap;gap:12px;margin:16px 0}
 .tile{background:#fff;border:1px solid #e5e7eb;border-radius:8px;padding:10px 14px;min-width:150px}
 .tile b{display:block;font-size:20px}table{border-collapse:collapse;background:#fff;width:100%}
 td,th{border:1px solid #e5e7eb;padding:4px 8px;text-align:left;vertical-align:top;overflow-wrap:anywhere}
@@ -178,6 +178,30 @@ def _layers_section(layers: Sequence[Mapping[str, Any]], sensitivity: Any = None
             + f'<table id="layers">{head}{body}</table>')
 
 
+def _sweep_section(sweep: Any) -> str:
+    """method auto: every candidate's size, fidelity and latency, the Pareto front and the pick, with why."""
+    if not isinstance(sweep, Mapping) or not isinstance(sweep.get("candidates"), list):
+        return ""
+    rows = []
+    for c in sweep["candidates"]:
+        if not isinstance(c, Mapping):
+            continue
+        fidelity, latency, error = c.get("fidelity") or {}, c.get("latency") or {}, c.get("error") or {}
+        marks = ", ".join(m for m, on in (("recommended", c.get("recommended")), ("Pareto", c.get("pareto")),
+                                          ("meets target", c.get("meets_target"))) if on)
+        cells = [_fmt(c.get("size_ratio")), _fmt(fidelity.get("cosine"), 6), _fmt(fidelity.get("top1_agreement")),
+                 _fmt(fidelity.get("accuracy")), _fmt(latency.get("ms_p50")), _fmt(latency.get("speedup")),
+                 _fmt(c.get("drop"))]
+        rows.append(f'<tr{" class=recommended" if c.get("recommended") else ""}><td>{esc(c.get("name", ""))}</td>'
+                    + "".join(f"<td class=num>{esc(v)}</td>" for v in cells)
+                    + f"<td>{esc(marks)}</td><td>{esc(error.get('message', '') if error else '')}</td></tr>")
+    goal = sweep.get("target") or {}
+    return ('<h2>Method sweep</h2><table id="sweep"><tr><th>candidate</th><th>size</th><th>cosine</th>'
+            "<th>top-1 agreement</th><th>accuracy</th><th>ms p50</th><th>speed-up</th>"
+            f'<th>{esc(goal.get("metric", "goal"))} drop</th><th></th><th>not delivered because</th></tr>'
+            + "".join(rows) + f'</table><p class="muted" id="sweep-why">{esc(sweep.get("why", ""))}</p>')
+
+
 def render(report: Mapping[str, Any], *, model_name: str = "", job_name: str | None = None,
            artifacts: Sequence[Mapping[str, Any]] = ()) -> str:
     """The page for one job's report.json (the dict the worker stores), and its artifacts ({kind, filename,
@@ -228,6 +252,7 @@ def render(report: Mapping[str, Any], *, model_name: str = "", job_name: str | N
 <h2>Float against quantized</h2>
 {_img(report_charts.comparison_svg(metrics), "chart-comparison", "Size, latency and fidelity: float vs quantized")}
 {outputs_html}
+{_sweep_section(metrics.get("sweep"))}
 <h2>Warnings</h2>{warning_html}
 <h2>Per-layer error</h2>{_layers_section(metrics.get("layers") or [], metrics.get("sensitivity"))}
 <h2>How to load the artifact</h2>{loading}

@@ -21,6 +21,7 @@ class Method(StrEnum):
     static = "static"
     qat = "qat"
     weight_only = "weight_only"
+    auto = "auto"  # a sweep: the pair's other methods as candidates, measured alike (onnx/auto.py)
 
 
 class Device(StrEnum):

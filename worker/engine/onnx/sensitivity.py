@@ -18,6 +18,7 @@ from worker.engine import sensitivity as s
 from worker.engine.onnx import common as onnx_common
 
 if TYPE_CHECKING:
+    from worker.engine.config import TargetConfig
     from worker.engine.context import JobContext
 
 Requantize = Callable[[frozenset[str], Path], None]  # nodes kept float (beyond the method's own) -> file
@@ -60,6 +61,16 @@ def _latency_ms(first: Path, second: Path, feed: dict[str, np.ndarray]) -> tuple
     return m.interleaved_latency(lambda: a(feed), lambda: b(feed), warmup=5, runs=LATENCY_RUNS)
 
 
+def float_goal(target: TargetConfig | None, model_path: Path, samples: evaluate.Samples
+               ) -> tuple[s.Goal, list[list[np.ndarray]]]:
+    """The goal (the target, else the default) on these samples, and the float model's outputs it was read from."""
+    float_runner = onnx_common.load_runner(model_path, threads=None)
+    reference = [evaluate.unpadded(b, float_runner(b)) for b in samples.batches]
+    float_accuracy = None if samples.labels is None else m.accuracy_top1([r[0] for r in reference], samples.labels)
+    has_top1 = m.top1_agreement([r[0] for r in reference], [r[0] for r in reference]) is not None
+    return s.goal(target, float_accuracy, has_top1), reference
+
+
 def analyse(ctx: JobContext, *, output: Path, model_path: Path, nodes: list[onnx_common.WeightNode],
             quantized: set[str], requantize: Requantize, samples: evaluate.Samples, sqnr: dict[str, float],
             scratch: Path) -> Outcome:
@@ -68,11 +79,7 @@ def analyse(ctx: JobContext, *, output: Path, model_path: Path, nodes: list[onnx
     file then replaces `output`."""
     started = time.monotonic()
     batches, labels = samples.batches, samples.labels
-    float_runner = onnx_common.load_runner(model_path, threads=None)
-    reference = [evaluate.unpadded(b, float_runner(b)) for b in batches]
-    float_accuracy = None if labels is None else m.accuracy_top1([r[0] for r in reference], labels)
-    has_top1 = m.top1_agreement([r[0] for r in reference], [r[0] for r in reference]) is not None
-    goal = s.goal(ctx.config.target, float_accuracy, has_top1)
+    goal, reference = float_goal(ctx.config.target, model_path, samples)
     deadline = started + goal.budget_s
     probes = batches[: s.PROBE_SAMPLES]
     probe_labels = None if labels is None else labels[: len(probes)]
