@@ -90,8 +90,8 @@ def test_target_config_is_strict_and_refused_where_not_offered() -> None:
         StaticConfig.model_validate({"target": {"metric": "bleu"}})
     config = StaticConfig(target=TargetConfig(metric="perplexity"))
     assert [f for f, _ in resolve("onnx", "static").config_problems(config, "cpu")] == ["target.metric"]
-    assert [f for f, _ in resolve("torch_export", "static").config_problems(
-        resolve("torch_export", "static").config_model(target=TargetConfig()), "cpu")] == ["target"]
+    assert [f for f, _ in resolve("torchscript", "static").config_problems(
+        resolve("torchscript", "static").config_model(target=TargetConfig()), "cpu")] == ["target"]
 
 
 @pytest.mark.parametrize("name", ["bn1", "blocks.0.attn/q_proj", "node_Conv_20", "a+b (x)[1]"])

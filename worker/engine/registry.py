@@ -140,6 +140,8 @@ def _hf_weight_only_limits(config: WeightOnlyConfig, device: Device) -> list[tup
 
 # ONNX classifiers and encoders: no perplexity (that is measured for hf causal LMs on text only)
 _ONNX_TARGET: dict[str, Any] = {"supports_target": True, "target_metrics": ("accuracy", "top1_agreement", "cosine")}
+# torch.export classifiers and encoders: the same measured figures, in eager torch (torch_export/sensitivity.py)
+_PT2_TARGET: dict[str, Any] = {"supports_target": True, "target_metrics": ("accuracy", "top1_agreement", "cosine")}
 
 # Written out by hand, one line per backend path that exists and is tested.
 SPECS: Final[Mapping[tuple[ModelFormat, Method], MethodSpec]] = {
@@ -159,16 +161,16 @@ SPECS: Final[Mapping[tuple[ModelFormat, Method], MethodSpec]] = {
         MethodSpec(ModelFormat.torchscript, Method.dynamic, DynamicConfig,
                    "worker.engine.torchscript.dynamic:run", _CPU, Status.legacy),
         MethodSpec(ModelFormat.torch_export, Method.dynamic, DynamicConfig,
-                   "worker.engine.torch_export.dynamic:run", _CPU, Status.experimental),
+                   "worker.engine.torch_export.dynamic:run", _CPU, Status.experimental, **_PT2_TARGET),
         MethodSpec(ModelFormat.torch_export, Method.static, TorchExportStaticConfig,
                    "worker.engine.torch_export.static:run", _CPU, Status.stable, needs_calibration=True,
-                   option_limits=_torch_static_limits),
+                   option_limits=_torch_static_limits, **_PT2_TARGET),
         MethodSpec(ModelFormat.torchscript, Method.static, StaticConfig,
                    "worker.engine.torchscript.static:run", _CPU, Status.legacy, needs_calibration=True,
                    option_limits=_torch_static_limits),
         MethodSpec(ModelFormat.torch_export, Method.weight_only, WeightOnlyConfig,
                    "worker.engine.torch_export.weight_only:run", _CPU_CUDA, Status.experimental,
-                   dtypes=("int8", "int4"), option_limits=_torch_weight_only_limits),
+                   dtypes=("int8", "int4"), option_limits=_torch_weight_only_limits, **_PT2_TARGET),
         MethodSpec(ModelFormat.hf, Method.weight_only, WeightOnlyConfig,
                    "worker.engine.hf.weight_only:run", _CPU_CUDA, Status.experimental, dtypes=("int8", "int4"),
                    option_limits=_hf_weight_only_limits),
