@@ -13,7 +13,7 @@ import torch
 
 from tests import models
 from tests.conftest import Service, wait_for
-from tests.integration.helpers import download, submit, upload_dataset, upload_model
+from tests.integration.helpers import digits_inputs, download, submit
 
 INT4_PER_TENSOR = {"granularity": "per_tensor", "weight_bits": 4}
 
@@ -21,15 +21,9 @@ INT4_PER_TENSOR = {"granularity": "per_tensor", "weight_bits": 4}
 @pytest.fixture(scope="module")
 def spread_pt2(service: Service, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     tmp = tmp_path_factory.mktemp("target_pt2")
-    x_train, _, x_test, y_test = models.digits_data()
-    client = service.client("target")
-    path = models.save_torch_export(models.spread_digits_cnn(), torch.from_numpy(x_test[:2]), tmp / "spread.pt2")
-    model = upload_model(client, path)
-    assert model["status"] == "ready", model["error"]
-    return {"model_id": model["id"],
-            "calibration_dataset_id": upload_dataset(client, models.save_npz(tmp / "cal.npz", x=x_train[:128]))["id"],
-            "evaluation_dataset_id": upload_dataset(client, models.save_npz(tmp / "ev.npz", x=x_test,
-                                                                            labels=y_test))["id"]}
+    example = torch.from_numpy(models.digits_data()[2][:2])
+    path = models.save_torch_export(models.spread_digits_cnn(), example, tmp / "spread.pt2")
+    return digits_inputs(service.client("target"), path, tmp)
 
 
 def _job(service: Service, spread: dict[str, str], config: dict) -> dict:

@@ -115,11 +115,20 @@ def _torch_weight_only_limits(config: WeightOnlyConfig, device: Device) -> list[
     """torchao weight-only on a .pt2. cpu: round to nearest only (no GPTQ/AWQ/HQQ path runs on a CPU). cuda:
     torchao's int4 tinygemm layout (torch_export/int4_cuda.py): int4 only, group-wise only (the kernel has
     no per-channel mode), and rtn or hqq (torchao's data-free HQQ qparams for that layout)."""
+    problems = []
+    if config.bits == "auto":  # torch_export/weight_only_auto.py: Hessian traces per byte, a size budget only
+        if config.max_latency_ms is not None:
+            problems.append(("max_latency_ms", "torch.export bits 'auto' budgets size only; use max_size_ratio"))
+        if config.target is not None:
+            problems.append(("target", "bits 'auto' chooses each layer's bits by its budget; give a target or "
+                                       "bits 'auto', not both"))
+        if device != Device.cpu:
+            problems.append(("bits", "bits 'auto' mixes int4 and int8, and the cuda kernel is int4 only; use device "
+                                     "cpu"))
     if device == Device.cpu:
         if config.algorithm != "rtn":
-            return [("algorithm", f"{config.algorithm!r} is not available: only rtn for torch.export on cpu")]
-        return []
-    problems = []
+            problems.append(("algorithm", f"{config.algorithm!r} is not available: only rtn for torch.export on cpu"))
+        return problems
     if config.dtype != "int4":
         problems.append(("dtype", "torch.export weight-only on cuda is int4 (the tinygemm kernel); use dtype "
                                   "int4, or device cpu for int8"))
@@ -170,7 +179,8 @@ SPECS: Final[Mapping[tuple[ModelFormat, Method], MethodSpec]] = {
                    option_limits=_torch_static_limits),
         MethodSpec(ModelFormat.torch_export, Method.weight_only, WeightOnlyConfig,
                    "worker.engine.torch_export.weight_only:run", _CPU_CUDA, Status.experimental,
-                   dtypes=("int8", "int4"), option_limits=_torch_weight_only_limits, **_PT2_TARGET),
+                   dtypes=("int8", "int4"), option_limits=_torch_weight_only_limits, **_PT2_TARGET,
+                   supports_auto_bits=True),
         MethodSpec(ModelFormat.hf, Method.weight_only, WeightOnlyConfig,
                    "worker.engine.hf.weight_only:run", _CPU_CUDA, Status.experimental, dtypes=("int8", "int4"),
                    option_limits=_hf_weight_only_limits),

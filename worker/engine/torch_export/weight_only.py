@@ -16,13 +16,14 @@ float program on cuda. The CPU path is unchanged.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from worker.engine import accelerator, evaluate, report
 from worker.engine.errors import EngineError
 from worker.engine.registry import resolve
 from worker.engine.torch_export import common as pt2_common
-from worker.engine.torch_export import int4_cuda
+from worker.engine.torch_export import int4_cuda, weight_only_auto
 from worker.engine.torch_export import sensitivity as pt2_sensitivity
 from worker.engine.torch_export.deliver import measure_saved
 from worker.engine.torch_export.graph import module_path, reexport, tensor_attr, weight_layers
@@ -224,6 +225,21 @@ def run(ctx: JobContext) -> QuantizeResult:
     if sensed.kept:  # the target keeps these at higher precision: the same build the search measured, delivered
         notes = []
         lowered_module = build(frozenset(sensed.kept), sink=notes)
+    bits_auto = None
+    if config.bits == "auto":  # registry: cpu, max_size_ratio, no target
+        ctx.progress("quantizing", 0.50)
+        rows = weight_only_auto.plan(ctx, float_module, [t for t in _weight_nodes(float_module)
+                                                         if t[0] in lowered_module.meta["done"]],
+                                     config, specs, samples, _quantize_weight, _group_for)
+
+        def size_of(at_int8: frozenset[str]) -> int:
+            return pt2_sensitivity.saved_bytes(build(at_int8), program, specs, output)
+
+        at_int8, bits_auto = weight_only_auto.allocate(ctx, rows, original_bytes=Path(ctx.model_path).stat().st_size,
+                                                       bytes4=size_of(frozenset()), size_of=size_of)
+        if at_int8:
+            notes = []
+            lowered_module = build(frozenset(at_int8), sink=notes)
     done = lowered_module.meta["done"]
     try:
         quantized, _ = reexport(lowered_module, program, specs)
@@ -256,5 +272,6 @@ def run(ctx: JobContext) -> QuantizeResult:
                     **method, "dtype": config.dtype, "group_size": group,
                     "symmetric": config.symmetric and not on_cuda,  # tinygemm's int4 is asymmetric
                     "algorithm": config.algorithm, "device": accelerator.describe(device),
-                    "kept_float": sorted(excluded), f"kept_{keep_as}_for_target": sensed.kept}},
+                    "kept_float": sorted(excluded), f"kept_{keep_as}_for_target": sensed.kept,
+                    **({"bits_auto": bits_auto} if bits_auto is not None else {})}},
     ), sensed)
