@@ -323,13 +323,15 @@ def minilm_dataset(path: Path, sentences: tuple[str, ...] = SENTENCES) -> Path:
     return save_npz(path, **minilm_tokens(sentences))
 
 
-def export_minilm_onnx(path: Path) -> Path:
+def export_minilm_onnx(path: Path, layers: int | None = None) -> Path:
     """all-MiniLM-L6-v2 to ONNX: int64 input_ids/attention_mask/token_type_ids with dynamic batch and
     sequence, one output last_hidden_state [batch, sequence, 384]. The legacy (TorchScript) exporter:
-    it writes the weights as plain initializers in one file, as most published BERT exports are."""
+    it writes the weights as plain initializers in one file, as most published BERT exports are.
+    `layers`: only the first few of its 6 encoder layers (real weights, a smaller and faster model)."""
     from transformers import AutoModel
 
-    encoder = AutoModel.from_pretrained(minilm_folder()).eval()
+    truncated = {} if layers is None else {"num_hidden_layers": layers}
+    encoder = AutoModel.from_pretrained(minilm_folder(), **truncated).eval()
     example = tuple(torch.from_numpy(a[:2, :8].copy()) for a in minilm_tokens(SENTENCES[:2]).values())
     names = ["input_ids", "attention_mask", "token_type_ids"]
     axes = {name: {0: "batch", 1: "sequence"} for name in [*names, "last_hidden_state"]}

@@ -77,9 +77,11 @@ def test_capabilities_say_which_methods_take_a_target_and_others_refuse_it(servi
     methods = client.get("/v1/capabilities").json()["formats"]
     assert methods["onnx"]["methods"]["static"]["supports_target"] is True
     assert "accuracy" in methods["onnx"]["methods"]["static"]["target_metrics"]
-    assert methods["onnx"]["methods"]["weight_only"]["supports_target"] is False
+    assert methods["onnx"]["methods"]["weight_only"]["supports_target"] is True
+    # a metric the method does not measure (perplexity is for causal LMs) is refused before queueing
     path = models.export_onnx(models.wide_mlp(), torch.zeros(2, 1, 8, 8), tmp_path / "w.onnx")
     model = upload_model(client, path)
-    response = submit(client, {"model_id": model["id"], "method": "weight_only", "config": {"target": {}}})
+    response = submit(client, {"model_id": model["id"], "method": "weight_only",
+                               "config": {"target": {"metric": "perplexity"}}})
     assert response.status_code == 422, response.text
-    assert ["body", "config", "target"] in [e["loc"] for e in response.json()["errors"]]
+    assert ["body", "config", "target.metric"] in [e["loc"] for e in response.json()["errors"]]

@@ -162,7 +162,7 @@ SPECS: Final[Mapping[tuple[ModelFormat, Method], MethodSpec]] = {
                    "worker.engine.onnx.static:run", _CPU, Status.stable, needs_calibration=True, **_ONNX_TARGET),
         MethodSpec(ModelFormat.onnx, Method.weight_only, WeightOnlyConfig,
                    "worker.engine.onnx.weight_only:run", _CPU, Status.stable, dtypes=("int8", "int4"),
-                   option_limits=_onnx_weight_only_limits, supports_auto_bits=True),
+                   option_limits=_onnx_weight_only_limits, supports_auto_bits=True, **_ONNX_TARGET),
         MethodSpec(ModelFormat.onnx, Method.auto, AutoConfig, "worker.engine.onnx.auto:run", _CPU,
                    Status.experimental, dtypes=("int8", "int4"), **_ONNX_TARGET,
                    sweep_candidates=("dynamic", "static_minmax", "static_entropy", "weight_only_int8",

@@ -18,7 +18,7 @@ from worker.engine import evaluate, report
 from worker.engine import metrics as m
 from worker.engine.errors import EngineError
 from worker.engine.onnx import common as onnx_common
-from worker.engine.onnx import deliver, normalize, weight_only_budget, weight_only_mixed
+from worker.engine.onnx import deliver, normalize, weight_only_budget, weight_only_mixed, weight_only_target
 from worker.engine.onnx import rewrite as onnx_rewrite
 from worker.engine.types import ArtifactFile, QuantizeResult
 
@@ -51,6 +51,10 @@ def _check_supported(ctx: JobContext) -> None:
         raise EngineError(f"algorithm {config.algorithm!r} is int4-only in onnxruntime (8-bit MatMulNBits has "
                           "no CPU kernel for its float zero points); use dtype int4, or algorithm 'rtn' for "
                           "int8", code="unsupported")
+    if config.bits == "auto" and config.target is not None:
+        raise EngineError("bits 'auto' spends a size or latency budget and a target spends precision until it holds: "
+                          "give one of them (bits 4 with a target escalates int4 -> int8 -> float)",
+                          code="unsupported")
     if config.algorithm == "gptq" and ctx.calibration_path is None:
         raise EngineError("algorithm 'gptq' needs a calibration dataset (calibration_dataset_id)",
                           code="dataset_mismatch")
@@ -215,6 +219,8 @@ def run(ctx: JobContext) -> QuantizeResult:
     original = onnx_common.load(ctx.model_path)
     info = onnx_common.describe(original)
     samples = evaluate.load_samples(ctx, info.inputs)  # fail on a bad dataset before any work
+    # and on a target this data cannot measure (accuracy without labels)
+    measure = weight_only_target.Measure.of(config.target, ctx.model_path.resolve(), samples)
     calibration = (evaluate.load_npz(Path(ctx.calibration_path), info.inputs, GPTQ_SAMPLES, "calibration").batches
                    if ctx.calibration_path is not None else samples.batches)
     model_path = ctx.model_path.resolve()
@@ -276,11 +282,24 @@ def run(ctx: JobContext) -> QuantizeResult:
         warnings += chosen.warnings
         # int4 everywhere can lose too much (MiniLM: 0.947): the most sensitive layers then stay at 8 bits
         layer_names = {k: n.layer for n in nodes for k in (n.node, f"{n.node}_MatMul")}
-        # bits auto: the same probes, spent on the most faithful mix within the user's size/latency budget
-        mix = weight_only_budget.apply if config.bits == "auto" else weight_only_mixed.apply
-        mixed = mix(ctx, chosen, build, normalized, excluded_names, model_path=model_path, batches=calibration,
-                    feed=samples.batches[0], full_check=prepared.full_check, layer_names=layer_names,
-                    warnings=warnings)
+        job = weight_only_target.Job(
+            ctx, lambda kept, eight: build(chosen.variant, chosen.kept_float | kept, eight),
+            weight_only_mixed.candidates(normalized, excluded_names | chosen.kept_float,
+                                         gather=chosen.variant.options["gather"]),
+            nodes, measure, 4 if config.dtype == "int4" else 8)
+        if config.target is not None:  # the user's target replaces the fixed 0.99 below: int4 -> int8 -> float
+            sensed = weight_only_target.checked(weight_only_target.target(job, chosen.path, calibration, model_path),
+                                                samples.batches[0], prepared.full_check, warnings)
+            mixed = sensed.promotion
+            mixed.path = sensed.path
+        else:
+            # bits auto: the same probes, spent on the most faithful mix within the user's size/latency budget
+            mix = weight_only_budget.apply if config.bits == "auto" else weight_only_mixed.apply
+            mixed = mix(ctx, chosen, build, normalized, excluded_names, model_path=model_path, batches=calibration,
+                        feed=samples.batches[0], full_check=prepared.full_check, layer_names=layer_names,
+                        warnings=warnings)
+            sensed = weight_only_target.sensitivity(job, mixed.path or chosen.path, frozenset(mixed.promoted),
+                                                    mixed.gains)
         shutil.move(mixed.path or chosen.path, output)
         quantized = onnx.load(str(output))
         count = sum(1 for n in quantized.graph.node if n.op_type == "MatMulNBits")
@@ -308,6 +327,7 @@ def run(ctx: JobContext) -> QuantizeResult:
                                                      "Gather path is 4-bit only)"),
         "excluded_by_config": [n.layer for n in nodes if n.node in excluded],
         "kept_float_invalid": sorted(chosen.kept_float), "variant": chosen.variant.label,
+        "kept_float_for_target": (sensed.target or {}).get("kept_float", []),
         "opset": {"upload": prepared.original_opset, "quantized": prepared.opset},
         "constants_folded": prepared.folded_constants,
         "kept_8bit_for_fidelity": [{"name": layer_names.get(n, n), "tuning_cosine_gain": round(mixed.gains[n], 5)
@@ -318,8 +338,12 @@ def run(ctx: JobContext) -> QuantizeResult:
         "bits_auto": mixed.budget,
         "layer_sqnr": SQNR_NOTE, "quantize_s": round(quantize_s, 3),
     }
+    metrics["sensitivity"] = sensed.report
+    if sensed.target is not None:
+        metrics["target"] = sensed.target
     return QuantizeResult(
         artifacts=[ArtifactFile(kind="model", path=output, filename=output.name, format="onnx")],
         metrics=metrics,
         report={"versions": report.runtime_versions(), "host": report.host_info(), "onnx_weight_only": summary},
+        error=sensed.error,
     )

@@ -49,7 +49,7 @@ def knapsack(gains: Mapping[str, float], costs: Mapping[str, float], capacity: f
     return free | {n for i, n in enumerate(paid) if chosen >> i & 1}
 
 
-def _latency_ms(a: Path, b: Path, feed: Mapping[str, np.ndarray]) -> tuple[float, float]:
+def latency_ms(a: Path, b: Path, feed: Mapping[str, np.ndarray]) -> tuple[float, float]:
     """p50 ms of two files, batch 1, one thread, interleaved: how metrics.latency measures the delivered one."""
     run_a = onnx_common.load_runner(a, threads=1, ours=True)
     run_b = onnx_common.load_runner(b, threads=1, ours=True)
@@ -70,7 +70,7 @@ def allocate(ctx: JobContext, build: mixed.Build, first: Path, candidates: Mappi
     bytes4, bytes8 = first.stat().st_size, all8.stat().st_size
     ms4 = ms8 = 0.0  # not timed without a latency budget: then every budget test on ms passes
     if config.max_latency_ms is not None:
-        ms4, ms8 = _latency_ms(first, all8, feed)
+        ms4, ms8 = latency_ms(first, all8, feed)
     ends = {"all_4bit": {"size_ratio": round(bytes4 / original_bytes, 4), "tuning_cosine": round(result.before, 5)},
             "all_8bit": {"size_ratio": round(bytes8 / original_bytes, 4)}}
     if config.max_latency_ms is not None:
@@ -113,7 +113,7 @@ def allocate(ctx: JobContext, build: mixed.Build, first: Path, candidates: Mappi
         if not chosen:
             break
         path = build(frozenset(chosen))
-        ms = _latency_ms(first, path, feed)[1] if config.max_latency_ms is not None else 0.0
+        ms = latency_ms(first, path, feed)[1] if config.max_latency_ms is not None else 0.0
         size = path.stat().st_size
         if size <= max_bytes and ms <= max_ms:
             break

@@ -66,10 +66,14 @@ def tuning_cosine(path: Path, reference: list[list[np.ndarray]], batches: list[d
 
 
 def measure_gains(ctx: JobContext, build: Build, candidates: Mapping[str, int], before: float,
-                  reference: list[list[np.ndarray]], batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    """node -> tuning cosine gained when only that node goes from 4 to 8 bits: one build and run per node."""
+                  reference: list[list[np.ndarray]], batches: list[dict[str, np.ndarray]],
+                  stop: Callable[[], bool] = lambda: False) -> dict[str, float]:
+    """node -> tuning cosine gained when only that node goes from 4 to 8 bits: one build and run per node. stop(),
+    asked before each probe, ends it early (a target's time budget): the nodes not reached are left out."""
     gains = {}
     for i, node in enumerate(candidates):
+        if stop():
+            break
         ctx.progress("quantizing", 0.2 + 0.3 * i / len(candidates))
         probe = build(frozenset({node}))
         gains[node] = tuning_cosine(probe, reference, batches) - before
