@@ -100,6 +100,10 @@ CASES = [
     Case("all-MiniLM-L6-v2", "onnx", "weight_only", models.export_minilm_onnx, {"dtype": "int4"}, minilm_input=True),
     Case("all-MiniLM-L6-v2", "onnx", "weight_only", models.export_minilm_onnx,
          {"bits": "auto", "max_size_ratio": 0.2}, minilm_input=True),
+    # issue 14 item 4: method auto, every ONNX candidate in one job; the delivered one and the whole table
+    Case("digits CNN 32x32", "onnx", "auto", _cnn32(ONNX), datasets=("calibration", "evaluation"), digits32=True),
+    Case("all-MiniLM-L6-v2", "onnx", "auto", models.export_minilm_onnx, datasets=("calibration", "evaluation"),
+         minilm_input=True),
     Case("digits MLP", "torch_export", "weight_only", _mlp(PT2), {"dtype": "int8", "granularity": "per_channel"}),
     Case("digits MLP", "torch_export", "weight_only", _mlp(PT2), {"dtype": "int4", "group_size": 32}),
     Case("tiny Llama (random)", "hf", "weight_only", _tiny_llama, {"dtype": "int4", "group_size": 32},
@@ -116,8 +120,9 @@ def _datasets(tmp: Path, case: Case) -> dict[str, Path]:
     if case.text_jsonl:
         texts = hf_models.write_text_dataset(tmp / "texts.jsonl", 64)
         return {"evaluation_path": texts, "calibration_path": texts}
-    if case.minilm_input:
-        return {"evaluation_path": models.minilm_dataset(tmp / "sentences.npz")}
+    if case.minilm_input:  # the same 64 sentences calibrate, where the case asks for calibration
+        sentences = models.minilm_dataset(tmp / "sentences.npz")
+        return {f"{role}_path": sentences for role in case.datasets if role in ("calibration", "evaluation")}
     x_train, _, x_test, y_test = models.digits_data_32() if case.digits32 else models.digits_data()
     if case.text_input:
         return {"evaluation_path": models.save_npz(tmp / "tokens.npz", input_ids=models.token_ids(64))}
@@ -145,7 +150,7 @@ def run_case(case: Case, tmp: Path) -> dict[str, Any]:
             "artifacts": [a.filename for a in result.artifacts], "warnings": m.get("warnings", []),
             "kept_float": (m.get("target") or {}).get("kept_float"),
             "suggested_exclude": (m.get("sensitivity") or {}).get("suggested_exclude"),
-            "bits_auto": _bits_auto(result.report),
+            "bits_auto": _bits_auto(result.report), "sweep": _sweep(m.get("sweep")),
             "error": None if result.error is None else result.error["code"]}
 
 
@@ -153,6 +158,14 @@ def _bits_auto(report: dict[str, Any]) -> dict[str, Any] | None:
     """bits auto: both ends of the trade (all-4-bit, all-8-bit) beside what was delivered, without the layer list."""
     auto = (report.get("onnx_weight_only") or {}).get("bits_auto")
     return {k: v for k, v in auto.items() if k != "layers"} if auto else None
+
+
+def _sweep(sweep: dict[str, Any] | None) -> dict[str, Any] | None:
+    """method auto: the pick, why, and each candidate's row without its config and warnings."""
+    if not sweep:
+        return None
+    rows = [{k: v for k, v in c.items() if k not in ("config", "warnings")} for c in sweep["candidates"]]
+    return {"recommended": sweep["recommended"], "why": sweep["why"], "candidates": rows}
 
 
 def _vs_float_aoti(report: dict[str, Any]) -> float | None:
@@ -208,6 +221,16 @@ def main(argv: list[str]) -> int:
         print(f"| {r['format']}/{r['method']} | {r['model']}{kept} | {config} | "
               f"{r['size_ratio']:.3f} | {_quality(r)} | {r['cosine']} / {r['cosine_min']} | {_speed(r)} | "
               f"{r['runtime']} | {r['engine_s']} |")
+    for r in rows:
+        if r.get("sweep"):
+            print(f"\n{r['model']} method auto: {r['sweep']['why']}\n\n| candidate | size | cosine | top-1 agreement "
+                  "| accuracy | ms p50 | speed-up | drop | meets | Pareto | seconds | error |\n" + "|---" * 12 + "|")
+            for c in r["sweep"]["candidates"]:
+                f, lat, err = c["fidelity"] or {}, c["latency"] or {}, c["error"] or {}
+                mark = "**" if c["recommended"] else ""
+                print(f"| {mark}{c['name']}{mark} | {c['size_ratio']} | {f.get('cosine')} | {f.get('top1_agreement')} "
+                      f"| {f.get('accuracy')} | {lat.get('ms_p50')} | {lat.get('speedup')} | {c['drop']} | "
+                      f"{c['meets_target']} | {c['pareto']} | {c['seconds']} | {err.get('code', '')} |")
     if missing and not wanted:
         print(f"\nregistered but not benchmarked: {', '.join(missing)}")
     return 1 if any(r.get("error") for r in rows) else 0
