@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from worker.engine import report_html, sweep
 from worker.engine.config import AutoConfig, TargetConfig
+from worker.engine.registry import SPECS
 from worker.engine.sensitivity import goal
 from worker.engine.types import Device, Method, ModelFormat
 
@@ -85,7 +86,9 @@ def test_a_target_reaches_the_methods_that_take_one_and_candidates_can_be_chosen
     assert [(p.name, p.skip) for p in planned] == [("weight_only_int4", None), ("static_entropy", None)]
     assert planned[1].config["target"]["metric"] == "cosine" and planned[1].config["calibration"]["algorithm"] == \
         "entropy"
-    assert planned[0].config["target"] is None  # weight_only takes no target: it is only judged by it
+    # each method that takes a target searches for it itself (SPECS says which); the others are only judged by it
+    takes = {p.name: SPECS[(ModelFormat.onnx, p.method)].supports_target for p in planned}
+    assert {p.name: p.config.get("target") is not None for p in planned} == takes
     assert config.required_datasets() == {"calibration"}
     assert AutoConfig().required_datasets() == set()
     with pytest.raises(ValidationError):
