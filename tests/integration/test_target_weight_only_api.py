@@ -71,7 +71,7 @@ def test_int4_missing_a_cosine_target_keeps_layers_at_8_bits_and_meets_it(servic
     job = _job(client, minilm2, {"target": {"metric": "cosine", "max_drop": 0.01}})
     assert job["config"]["target"] == {"metric": "cosine", "max_drop": 0.01, "relative": False, "budget_s": 600.0}
     target = _check_met(job, 0.01)
-    assert target["stage"] == "int8" and target["kept_float"] == []  # 8 bits sufficed: no layer went float
+    assert target["step"] == "int8" and target["kept_float"] == []  # 8 bits sufficed: no layer went float
     # the report's weight-only summary names them too (wherever the report document nests it)
     summary = _find(client.get(f"/v1/jobs/{job['id']}/report").json(), "onnx_weight_only")
     assert [row["name"] for row in summary["kept_8bit_for_fidelity"]] == target["kept_8bit"]

@@ -56,7 +56,7 @@ def test_best_keeps_the_smallest_file_that_meets_else_the_smallest_drop_and_neve
     missing = _file(tmp_path / "missing", 1)  # smaller, but short of the goal: never preferred to one that meets
     assert not best.offer(job, wt.Candidate(missing, frozenset(), frozenset(), _figures(0.9), "int8"))
     assert best.current.path == small and not missing.exists()
-    assert [t["stage"] for t in best.tried] == ["int8", "int8", "int8", "float", "int8"]
+    assert [t["step"] for t in best.tried] == ["int8", "int8", "int8", "float", "int8"]
 
 
 def test_ranked_puts_lossy_layers_first_then_the_unmeasured_and_never_every_layer() -> None:
@@ -120,8 +120,8 @@ def test_a_target_8_bits_cannot_reach_keeps_layers_float_and_one_out_of_reach_is
     # int8 everywhere stays below cosine 0.99999: the escalation goes on to float layers
     result = _quantize(outlier, {"target": {"metric": "cosine", "max_drop": 0.00001}}, tmp_path / "job")
     target = result.metrics["target"]
-    stages = {t["stage"] for t in target["tried"]}
-    assert {"int8", "float"} <= stages, target["tried"]
+    steps = {t["step"] for t in target["tried"]}
+    assert {"int8", "float"} <= steps, target["tried"]
     assert not target["met"] and result.error is not None and result.error["code"] == "target_not_met"
     assert target["after"]["cosine"] > target["before"]["cosine"]
     assert result.artifacts[0].path.exists()  # the best candidate is still delivered

@@ -116,7 +116,7 @@ class Candidate:
     eight: frozenset[str]  # nodes at 8 bits in an int4 job
     kept: frozenset[str]  # nodes kept float beyond the job's own
     figures: s.Figures
-    stage: str
+    step: str
 
 
 @dataclass
@@ -136,7 +136,7 @@ class Best:
         found, goal = candidate.figures, self.goal
         job.ctx.log("info", f"target: {len(candidate.eight - candidate.kept)} layer(s) at 8 bits, "
                             f"{len(candidate.kept)} float: {goal.metric} drop {goal.drop(found):.4f}")
-        self.tried.append({"stage": candidate.stage, "at_8_bits": len(candidate.eight - candidate.kept),
+        self.tried.append({"step": candidate.step, "at_8_bits": len(candidate.eight - candidate.kept),
                            "float": len(candidate.kept), "drop": round(goal.drop(found), 6), **found.to_dict()})
         if goal.met(found):
             better = not self.met() or candidate.path.stat().st_size < self.current.path.stat().st_size
@@ -304,7 +304,7 @@ def finish(job: Job, outcome: Outcome, best: Best, before: s.Figures, gains: dic
     kept = [n for n in job.candidates if n in chosen.kept]
     target: dict[str, Any] = {
         **goal.to_dict(), "met": best.met(), "before": before.to_dict(), "after": chosen.figures.to_dict(),
-        "drop": round(goal.drop(chosen.figures), 6), "stage": chosen.stage,
+        "drop": round(goal.drop(chosen.figures), 6), "step": chosen.step,
         "kept": [{"name": name, "bits": 8} for name in job.names(eight)] +
                 [{"name": name, "bits": "float"} for name in job.names(kept)],
         "kept_8bit": job.names(eight), "kept_float": job.names(kept),
@@ -347,7 +347,7 @@ def checked(outcome: Outcome, feed: Mapping[str, np.ndarray], full_check: bool, 
     outcome.path, outcome.promotion = None, mixed.Promotion()
     if outcome.target is not None:
         outcome.target.update(met=False, after=outcome.target["before"], kept=[], kept_8bit=[], kept_float=[],
-                              stage="plain")
+                              step="plain")
         outcome.target.pop("cost", None)
     outcome.error = {"code": "target_not_met", "message": "the accuracy target was not met: the candidate that "
                      "met it did not validate, and the plain quantization is delivered as the job's artifact"}
