@@ -103,6 +103,29 @@ def test_cnn_becomes_int8_qdq_within_one_point_of_float_at_under_030_size(cnn_on
     assert {"versions", "host"} <= set(cnn_minmax.report)
 
 
+def _activation_scales(path: Path) -> dict[str, float]:
+    """QuantizeLinear input -> its scale: what calibration decided (weights are DequantizeLinear-only)."""
+    model = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {n.input[0]: float(inits[n.input[1]]) for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[1] in inits}
+
+
+def test_entropy_chooses_its_own_ranges_not_min_max(cnn_onnx: Path, digits_calibration: Path, tmp_path: Path) -> None:
+    """onnxruntime's Entropy defaults (128 bins, 128 quantized bins) leave its KL search one threshold, the full
+    span: entropy artifacts were byte-identical to minmax's. With more bins it clips some long tails."""
+    scales = {}
+    for algorithm in ("minmax", "entropy"):
+        config = {"calibration": {"algorithm": algorithm, "num_samples": 128}}
+        result = quantize(cnn_onnx, "onnx", "static", config, tmp_path / algorithm,
+                          calibration_path=digits_calibration)
+        scales[algorithm] = _activation_scales(result.artifacts[0].path)
+    assert scales["minmax"].keys() == scales["entropy"].keys() and scales["minmax"]
+    clipped = [t for t in scales["minmax"] if scales["entropy"][t] < scales["minmax"][t] * 0.99]
+    assert clipped, f"entropy chose min-max ranges everywhere: {scales}"
+    assert all(scales["entropy"][t] <= scales["minmax"][t] * 1.0001 for t in scales["minmax"])  # it only clips
+
+
 @pytest.mark.parametrize(("algorithm", "method"),
                          [("entropy", "Entropy"), ("percentile", "Percentile"), ("histogram", "Distribution")])
 def test_every_calibration_algorithm_keeps_top1_within_one_point(
