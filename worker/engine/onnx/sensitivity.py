@@ -33,7 +33,7 @@ class Outcome:
     error: dict[str, str] | None = None  # {"code": "target_not_met", "message"} when the target failed
 
 
-def _names(nodes: list[onnx_common.WeightNode]) -> dict[str, str]:
+def layer_names(nodes: list[onnx_common.WeightNode]) -> dict[str, str]:
     """node -> the name suggested_exclude uses: its layer name, or the node name where layers share a name."""
     counts: dict[str, int] = {}
     for n in nodes:
@@ -41,7 +41,7 @@ def _names(nodes: list[onnx_common.WeightNode]) -> dict[str, str]:
     return {n.node: n.layer if counts[n.layer] == 1 else n.node for n in nodes}
 
 
-def _suggested(kept: list[str], nodes: list[onnx_common.WeightNode], names: dict[str, str]) -> list[str]:
+def suggested_exclude(kept: list[str], nodes: list[onnx_common.WeightNode], names: dict[str, str]) -> list[str]:
     """config.exclude regexes for exactly `kept`; node names where a layer name would catch more."""
     patterns = s.exclude_patterns([names[k] for k in kept])
     every = {n.node: (n.node, n.layer, *n.weights) for n in nodes}
@@ -50,7 +50,7 @@ def _suggested(kept: list[str], nodes: list[onnx_common.WeightNode], names: dict
     return s.exclude_patterns(kept)
 
 
-def _judge(path: Path, reference: list[list[np.ndarray]], batches: list[dict[str, np.ndarray]],
+def judge(path: Path, reference: list[list[np.ndarray]], batches: list[dict[str, np.ndarray]],
            labels: np.ndarray | None) -> s.Figures:
     runner = onnx_common.load_runner(path, threads=None, ours=True)
     return s.figures(reference, [evaluate.unpadded(b, runner(b)) for b in batches], labels)
@@ -95,14 +95,14 @@ def analyse(ctx: JobContext, *, output: Path, model_path: Path, nodes: list[onnx
         return path
 
     def judge_all(path: Path) -> s.Figures:
-        return _judge(path, reference, batches, labels)
+        return judge(path, reference, batches, labels)
 
     before = judge_all(output)
     # most suspect first (lowest layer SQNR), so a budget that runs out leaves the least suspect unmeasured
     candidates = sorted((n.node for n in nodes if n.node in quantized), key=lambda n: sqnr.get(n, float("inf")))
-    ranking = s.rank(candidates, build, lambda p: _judge(p, reference[: len(probes)], probes, probe_labels),
+    ranking = s.rank(candidates, build, lambda p: judge(p, reference[: len(probes)], probes, probe_labels),
                      probe_goal, deadline, lambda f: ctx.progress("quantizing", 0.62 + 0.05 * f))
-    names, ops = _names(nodes), {n.node: n.op for n in nodes}
+    names, ops = layer_names(nodes), {n.node: n.op for n in nodes}
     ranked = [r["node"] for r in ranking.layers if r["drop"] > 0 or r["cosine"] < 1.0] + ranking.not_measured
     ranked = ranked[: len(candidates) - 1]  # every layer float would be no quantization at all
     search = s.Search(figures=before, met=goal.met(before))
@@ -119,7 +119,7 @@ def analyse(ctx: JobContext, *, output: Path, model_path: Path, nodes: list[onnx
         "layers": [{"name": names[r["node"]], "op": ops[r["node"]], **{k: v for k, v in r.items() if k != "node"}}
                    for r in ranking.layers],
         "not_measured": [names[n] for n in ranking.not_measured], "stopped_by": ranking.stopped_by or search.stopped_by,
-        "suggested_exclude": _suggested(search.kept, nodes, names), "suggested_reaches_goal": search.met,
+        "suggested_exclude": suggested_exclude(search.kept, nodes, names), "suggested_reaches_goal": search.met,
         "suggested_fidelity": search.figures.to_dict() if search.figures else None, "tried": search.tried,
     }
     outcome = Outcome(report=report)

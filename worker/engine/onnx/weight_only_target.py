@@ -73,9 +73,8 @@ class Measure:
         return self._judge(path, self.probe_count)
 
     def _judge(self, path: Path, count: int) -> s.Figures:
-        runner = onnx_common.load_runner(path, threads=None, ours=True)
-        outputs = [evaluate.unpadded(b, runner(b)) for b in self.batches[:count]]
-        return s.figures(self.reference[:count], outputs, None if self.labels is None else self.labels[:count])
+        labels = None if self.labels is None else self.labels[:count]
+        return onnx_sensitivity.judge(path, self.reference[:count], self.batches[:count], labels)
 
 
 @dataclass
@@ -96,18 +95,13 @@ class Job:
 
     def names(self, nodes: Sequence[str]) -> list[str]:
         """The layer name users know, or the node name where several nodes share that layer name."""
-        counts: dict[str, int] = {}
-        for n in self.nodes:
-            counts[n.layer] = counts.get(n.layer, 0) + 1
-        return [u.layer if counts[u.layer] == 1 else u.node for u in map(self.upload_node, nodes)]
+        names = onnx_sensitivity.layer_names(self.nodes)
+        return [names[self.upload_node(n).node] for n in nodes]
 
     def suggested(self, kept: Sequence[str]) -> list[str]:
-        """config.exclude regexes selecting exactly the upload nodes behind `kept` (node names where a layer
-        name would catch more)."""
-        expected = {self.upload_node(k).node for k in kept}
-        every = {n.node: (n.node, n.layer, *n.weights) for n in self.nodes}
-        patterns = s.exclude_patterns(self.names(kept))
-        return patterns if s.round_trips(patterns, every, expected) else s.exclude_patterns(sorted(expected))
+        """config.exclude regexes selecting exactly the upload nodes behind `kept`, as dynamic and static suggest."""
+        upload = list(dict.fromkeys(self.upload_node(k).node for k in kept))
+        return onnx_sensitivity.suggested_exclude(upload, self.nodes, onnx_sensitivity.layer_names(self.nodes))
 
 
 @dataclass
