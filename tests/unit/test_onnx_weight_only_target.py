@@ -151,3 +151,16 @@ def test_bits_auto_and_a_target_together_are_refused(outlier: tuple[Path, Path],
     with pytest.raises(EngineError, match="give one of them") as failure:
         _quantize(outlier, {"bits": "auto", "max_size_ratio": 0.5, "target": {"metric": "cosine"}}, tmp_path)
     assert failure.value.code == "unsupported"
+
+
+def test_a_target_candidate_that_does_not_validate_falls_back_to_the_plain_file_and_says_so(tmp_path: Path) -> None:
+    broken = _file(tmp_path / "candidate.onnx", 64)  # not an ONNX model: check_artifact refuses it
+    outcome = wt.Outcome(report={}, path=broken, target={"met": True, "before": {"cosine": 0.9}, "after": {},
+                                                         "kept_float": ["fc1"], "cost": {}})
+    warnings: list[str] = []
+    checked = wt.checked(outcome, {"x": np.zeros((1, 4), np.float32)}, False, warnings)
+    assert checked.path is None and not broken.exists()
+    assert checked.target == {"met": False, "before": {"cosine": 0.9}, "after": {"cosine": 0.9}, "kept": [],
+                              "kept_8bit": [], "kept_float": [], "step": "plain"}
+    assert checked.error is not None and checked.error["code"] == "target_not_met"
+    assert len(warnings) == 1 and "the plain file is delivered" in warnings[0] and "4 bits" not in warnings[0]

@@ -178,12 +178,12 @@ def apply(ctx: JobContext, chosen: deliver.Delivered, build: Callable[..., Path]
 
 
 def valid_or_warn(path: Path, feed: Mapping[str, np.ndarray], full_check: bool, what: str,
-                  warnings: list[str]) -> bool:
-    """Whether a mixed int4/int8 file validates like every artifact; if not, the plain words in `warnings`."""
+                  warnings: list[str], instead: str = "every layer stays at 4 bits") -> bool:
+    """Whether a mixed int4/int8 file validates like every artifact; if not, the plain words in `warnings`, with
+    `instead`: what the job delivers in its place."""
     try:
         validate.check_artifact(path, feed, full_check=full_check)
     except validate.ArtifactInvalidError as failure:
-        warnings.append(f"{what} wrote an invalid model ({failure.stage}: {failure.message[:200]}); every layer "
-                        "stays at 4 bits")
+        warnings.append(f"{what} wrote an invalid model ({failure.stage}: {failure.message[:200]}); {instead}")
         return False
     return True

@@ -334,8 +334,9 @@ def finish(job: Job, outcome: Outcome, best: Best, before: s.Figures, gains: dic
 def checked(outcome: Outcome, feed: Mapping[str, np.ndarray], full_check: bool, warnings: list[str]) -> Outcome:
     """The target's chosen file validated like every artifact; one that fails is dropped for the plain file, and
     the target then counts as not met."""
+    instead = "the plain file is delivered, every layer at the job's dtype, and the target counts as not met"
     if outcome.path is None or mixed.valid_or_warn(outcome.path, feed, full_check, "the target's candidate",
-                                                   warnings):
+                                                   warnings, instead):
         return outcome
     outcome.path.unlink(missing_ok=True)
     outcome.path, outcome.promotion = None, mixed.Promotion()
