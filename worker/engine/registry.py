@@ -151,6 +151,9 @@ def _hf_weight_only_limits(config: WeightOnlyConfig, device: Device) -> list[tup
 _ONNX_TARGET: dict[str, Any] = {"supports_target": True, "target_metrics": ("accuracy", "top1_agreement", "cosine")}
 # torch.export classifiers and encoders: the same measured figures, in eager torch (torch_export/sensitivity.py)
 _PT2_TARGET: dict[str, Any] = {"supports_target": True, "target_metrics": ("accuracy", "top1_agreement", "cosine")}
+# TorchScript classifiers and encoders: the same figures, on the module torch.ao's JIT passes build
+# (torchscript/sensitivity.py)
+_TS_TARGET: dict[str, Any] = {"supports_target": True, "target_metrics": ("accuracy", "top1_agreement", "cosine")}
 
 # Written out by hand, one line per backend path that exists and is tested.
 SPECS: Final[Mapping[tuple[ModelFormat, Method], MethodSpec]] = {
@@ -168,7 +171,7 @@ SPECS: Final[Mapping[tuple[ModelFormat, Method], MethodSpec]] = {
                    sweep_candidates=("dynamic", "static_minmax", "static_entropy", "weight_only_int8",
                                      "weight_only_int4")),
         MethodSpec(ModelFormat.torchscript, Method.dynamic, DynamicConfig,
-                   "worker.engine.torchscript.dynamic:run", _CPU, Status.legacy),
+                   "worker.engine.torchscript.dynamic:run", _CPU, Status.legacy, **_TS_TARGET),
         MethodSpec(ModelFormat.torch_export, Method.dynamic, DynamicConfig,
                    "worker.engine.torch_export.dynamic:run", _CPU, Status.experimental, **_PT2_TARGET),
         MethodSpec(ModelFormat.torch_export, Method.static, TorchExportStaticConfig,
@@ -176,7 +179,7 @@ SPECS: Final[Mapping[tuple[ModelFormat, Method], MethodSpec]] = {
                    option_limits=_torch_static_limits, **_PT2_TARGET),
         MethodSpec(ModelFormat.torchscript, Method.static, StaticConfig,
                    "worker.engine.torchscript.static:run", _CPU, Status.legacy, needs_calibration=True,
-                   option_limits=_torch_static_limits),
+                   option_limits=_torch_static_limits, **_TS_TARGET),
         MethodSpec(ModelFormat.torch_export, Method.weight_only, WeightOnlyConfig,
                    "worker.engine.torch_export.weight_only:run", _CPU_CUDA, Status.experimental,
                    dtypes=("int8", "int4"), option_limits=_torch_weight_only_limits, **_PT2_TARGET,

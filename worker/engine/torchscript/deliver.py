@@ -16,6 +16,11 @@ if TYPE_CHECKING:
     from worker.engine.context import JobContext
 
 
+def artifact_path(ctx: JobContext) -> Path:
+    """Where deliver() saves the quantized module (the target's cost saves the plain candidate under its name)."""
+    return ctx.work_dir / f"{ctx.model_name}.int8.pt"
+
+
 def deliver(ctx: JobContext, original: torch.jit.ScriptModule, quantized: torch.jit.ScriptModule,
             found: list[tuple[str, str]], int8: set[str], inputs: list[TensorSpec], samples: evaluate.Samples,
             notes: list[str], details_key: str, details: dict) -> QuantizeResult:
@@ -25,7 +30,7 @@ def deliver(ctx: JobContext, original: torch.jit.ScriptModule, quantized: torch.
     layers whose weights were quantized."""
     import torch
 
-    output = ctx.work_dir / f"{ctx.model_name}.int8.pt"
+    output = artifact_path(ctx)
     ctx.progress("packaging", 0.60)
     torch.jit.save(quantized, str(output))
     layers = [{"name": n, "op": kind, "weight_dtype": "int8" if n in int8 else "float32",

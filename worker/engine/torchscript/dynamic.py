@@ -5,11 +5,11 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING
 
-from worker.engine import evaluate
+from worker.engine import evaluate, sensitivity_analysis
 from worker.engine.errors import EngineError
 from worker.engine.torchscript import common as ts_common
-from worker.engine.torchscript import refusal
-from worker.engine.torchscript.deliver import deliver
+from worker.engine.torchscript import deliver, refusal
+from worker.engine.torchscript import sensitivity as ts_sensitivity
 from worker.engine.types import QuantizeResult
 
 if TYPE_CHECKING:
@@ -75,16 +75,27 @@ def run(ctx: JobContext) -> QuantizeResult:
         notes.append("asymmetric weights are not offered by fbgemm's dynamic Linear; weights were quantized "
                      "symmetrically")
 
+    def convert(kept_float: frozenset[str] = frozenset()) -> torch.jit.ScriptModule:
+        try:
+            return _quantize(original, _qconfig_dict(config, excluded | kept_float))
+        except Exception as exc:  # the JIT passes raise RuntimeError and friends on graphs they cannot match
+            raise refusal.jit_refusal(exc, original, "dynamic") from exc
+
     ctx.progress("quantizing", 0.10)
-    try:
-        quantized = _quantize(original, _qconfig_dict(config, excluded))
-    except Exception as exc:  # the JIT passes raise RuntimeError and friends on graphs they cannot match
-        raise refusal.jit_refusal(exc, original, "dynamic") from exc
+    quantized = convert()
     n_int8 = _count_ops(quantized, "quantized::linear_dynamic")
     if n_int8 == 0:
         raise EngineError("dynamic quantization of TorchScript found no Linear layer to quantize (the legacy "
                           "JIT path quantizes Linear only); export the model with torch.export instead",
                           code="nothing_to_quantize")
+    sensed = ts_sensitivity.analyse(ctx, original=original, plain=quantized, build=convert, candidates=linears,
+                                    inputs=inputs, samples=samples, artifact=deliver.artifact_path(ctx),
+                                    per_call_scales=True, span=(0.15, 0.55))
+    if sensed.kept:  # the target keeps these float: the same build the search measured, delivered
+        quantized = convert(frozenset(sensed.kept))
+        excluded |= set(sensed.kept)
+        linears = [n for n in linears if n not in excluded]
+        n_int8 = _count_ops(quantized, "quantized::linear_dynamic")
     if n_int8 < len(linears):
         notes.append(f"only {n_int8} of {len(linears)} Linear layer(s) were quantized: the JIT pass skips "
                      "Linear modules it cannot match in the scripted graph")
@@ -94,7 +105,6 @@ def run(ctx: JobContext) -> QuantizeResult:
                      f"quantize_dynamic_jit quantizes Linear only ({', '.join(n for n, _ in stays_float)}); "
                      "export the model with torch.export for broader coverage")
 
-    return deliver(ctx, original, quantized, layers_found, set(linears), inputs, samples, notes, "torchscript_dynamic",
-                   {"quantized_linear_ops": n_int8, "kept_float": sorted(excluded)})
-
-
+    result = deliver.deliver(ctx, original, quantized, layers_found, set(linears), inputs, samples, notes,
+                             "torchscript_dynamic", {"quantized_linear_ops": n_int8, "kept_float": sorted(excluded)})
+    return sensitivity_analysis.attach(result, sensed)

@@ -20,13 +20,13 @@ import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from worker.engine import evaluate
+from worker.engine import evaluate, sensitivity_analysis
 from worker.engine.errors import EngineError
 from worker.engine.torch_export.graph import batched
 from worker.engine.torch_export.x86_recipe import ALGORITHMS, CALIBRATION_BATCH, calibration_samples
 from worker.engine.torchscript import common as ts_common
-from worker.engine.torchscript import refusal
-from worker.engine.torchscript.deliver import deliver
+from worker.engine.torchscript import deliver, refusal
+from worker.engine.torchscript import sensitivity as ts_sensitivity
 from worker.engine.types import QuantizeResult
 
 if TYPE_CHECKING:
@@ -108,28 +108,41 @@ def run(ctx: JobContext) -> QuantizeResult:
     batches = ([tuple(ts_common.arguments(original, names, b)) for b in calibration] if scalars
                else list(batched(calibration, inputs, CALIBRATION_BATCH)))
 
-    def calibrate(model: torch.jit.ScriptModule, data: list[tuple]) -> None:
-        with torch.no_grad():
-            for i, batch in enumerate(data):
-                model(*batch)
-                ctx.progress("calibrating", 0.05 + 0.40 * (i + 1) / len(batches))
+    def convert(kept_float: frozenset[str] = frozenset(), progress: bool = False) -> torch.jit.ScriptModule:
+        """prepare, calibrate and convert a copy of the model with `excluded | kept_float` float."""
+        def calibrate(model: torch.jit.ScriptModule, data: list[tuple]) -> None:
+            with torch.no_grad():
+                for i, batch in enumerate(data):
+                    model(*batch)
+                    if progress:
+                        ctx.progress("calibrating", 0.05 + 0.40 * (i + 1) / len(batches))
 
-    try:
-        with _legacy_api():
-            from torch.ao.quantization import quantize_jit
+        try:
+            with _legacy_api():
+                from torch.ao.quantization import quantize_jit
 
-            # inplace=False: prepare_jit copies the module, so `original` stays the float reference
-            quantized = quantize_jit(original, {"": qconfig, **{n: None for n in sorted(excluded)}},
-                                     calibrate, [batches], inplace=False)
-    except EngineError:
-        raise
-    except Exception as exc:  # the JIT passes raise RuntimeError and friends on graphs they cannot match
-        raise refusal.jit_refusal(exc, original, "static") from exc
+                # inplace=False: prepare_jit copies the module, so `original` stays the float reference
+                return quantize_jit(original, {"": qconfig, **{n: None for n in sorted(excluded | kept_float)}},
+                                    calibrate, [batches], inplace=False)
+        except EngineError:
+            raise
+        except Exception as exc:  # the JIT passes raise RuntimeError and friends on graphs they cannot match
+            raise refusal.jit_refusal(exc, original, "static") from exc
+
+    quantized = convert(progress=True)
     ctx.progress("quantizing", 0.50)
     n_int8 = _quantized_ops(quantized)
     if n_int8 == 0:
         raise EngineError("static quantization of TorchScript found no convolution or Linear layer it could "
                           "quantize; export the model with torch.export instead", code="nothing_to_quantize")
+    sensed = ts_sensitivity.analyse(ctx, original=original, plain=quantized, build=convert, candidates=quantizable,
+                                    inputs=inputs, samples=samples, artifact=deliver.artifact_path(ctx),
+                                    per_call_scales=False, span=(0.50, 0.58))
+    if sensed.kept:  # the target keeps these float: the same build the search measured, delivered
+        quantized = convert(frozenset(sensed.kept))
+        excluded |= set(sensed.kept)
+        quantizable = [n for n in quantizable if n not in excluded]
+        n_int8 = _quantized_ops(quantized)
     if n_int8 < len(quantizable):
         notes.append(f"only {n_int8} of {len(quantizable)} convolution/Linear layer(s) were quantized: the JIT "
                      "pass skips modules it cannot match in the scripted graph")
@@ -139,7 +152,9 @@ def run(ctx: JobContext) -> QuantizeResult:
                      "TorchScript static quantizes convolutions and Linear only")
 
     int8 = set(quantizable) if n_int8 >= len(quantizable) else set()
-    return deliver(ctx, original, quantized, found, int8, inputs, samples, notes, "torchscript_static",
-                   {"quantized_ops": n_int8, "kept_float": sorted(excluded), "calibration_samples": len(calibration),
-                    "activation_observer": f"{ALGORITHMS[config.calibration.algorithm]} (reduce_range)",
-                    "granularity": config.granularity})
+    result = deliver.deliver(
+        ctx, original, quantized, found, int8, inputs, samples, notes, "torchscript_static",
+        {"quantized_ops": n_int8, "kept_float": sorted(excluded), "calibration_samples": len(calibration),
+         "activation_observer": f"{ALGORITHMS[config.calibration.algorithm]} (reduce_range)",
+         "granularity": config.granularity})
+    return sensitivity_analysis.attach(result, sensed)
