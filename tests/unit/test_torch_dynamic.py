@@ -77,6 +77,9 @@ def test_linear_heavy_model_shrinks_below_030_and_keeps_top1(fmt: str, mlp_files
     assert metrics["latency"]["float_ms_p50"] > 0 and metrics["latency"]["quantized_ms_p50"] > 0
     assert {layer["name"]: layer["weight_dtype"] for layer in metrics["layers"]} == {
         "fc1": "int8", "fc2": "int8", "head": "int8"}
+    sensitivity = metrics["sensitivity"]  # issue 14: every report ranks its quantized layers, in both formats
+    assert {layer["name"] for layer in sensitivity["layers"]} == {"fc1", "fc2", "head"}
+    assert sensitivity["suggested_reaches_goal"] and sensitivity["source"] == "evaluation"
     assert set(result.report) >= {"versions", "host"}
 
 

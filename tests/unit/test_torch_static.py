@@ -119,6 +119,9 @@ def test_torchscript_static_quantizes_every_layer_and_keeps_top1(cnn_files: dict
     assert abs(metrics["accuracy"]["delta"]) <= 0.01
     assert metrics["latency"]["runtime"].startswith(f"torch {torch.__version__} (TorchScript")
     assert result.report["torchscript_static"]["quantized_ops"] == 3
+    sensitivity = metrics["sensitivity"]  # issue 14: each layer quantized alone, measured, worst first
+    assert {layer["name"] for layer in sensitivity["layers"]} == {"conv1", "conv2", "head"}
+    assert sensitivity["suggested_reaches_goal"] and "target" not in metrics
 
 
 def test_per_tensor_and_exclude_keep_fast_weights_and_named_layers_float(cnn_files: dict, data: dict,
