@@ -38,13 +38,18 @@ class Figures:
     cosine: float  # the worst output's mean per-sample cosine
     top1_agreement: float | None
     accuracy: float | None  # top-1 against labels
+    perplexity: float | None = None  # causal LMs on text (hf); higher is worse, unlike the others
 
     def value(self, metric: str) -> float | None:
-        return {"cosine": self.cosine, "top1_agreement": self.top1_agreement, "accuracy": self.accuracy}.get(metric)
+        return {"cosine": self.cosine, "top1_agreement": self.top1_agreement, "accuracy": self.accuracy,
+                "perplexity": self.perplexity}.get(metric)
 
     def to_dict(self) -> dict[str, float | None]:
-        return {"cosine": round(self.cosine, 6), "accuracy": _round(self.accuracy),
-                "top1_agreement": _round(self.top1_agreement)}
+        found = {"cosine": round(self.cosine, 6), "accuracy": _round(self.accuracy),
+                 "top1_agreement": _round(self.top1_agreement)}
+        if self.perplexity is not None:  # only where measured: other formats' figures keep their shape
+            found["perplexity"] = _round(self.perplexity)
+        return found
 
 
 def _round(value: float | None) -> float | None:
@@ -75,7 +80,8 @@ class Goal:
         value = found.value(self.metric)
         if value is None:
             return float("inf")
-        lost = self.float_value - value
+        # perplexity rises as the model gets worse: its drop is the rise, so that every metric's drop is a loss
+        lost = value - self.float_value if self.metric == "perplexity" else self.float_value - value
         return lost / self.float_value if self.relative and self.float_value else lost
 
     def met(self, found: Figures) -> bool:
@@ -87,8 +93,16 @@ class Goal:
                 "source": "target" if self.from_target else "default"}
 
 
-def goal(target: TargetConfig | None, float_accuracy: float | None, has_top1: bool) -> Goal:
-    """The user's target, else 1% relative top-1 accuracy (labels), 1% top-1 agreement (class scores), cosine 0.995."""
+def goal(target: TargetConfig | None, float_accuracy: float | None, has_top1: bool, *,
+         float_perplexity: float | None = None) -> Goal:
+    """The user's target, else 1% relative top-1 accuracy (labels), 1% top-1 agreement (class scores), cosine 0.995.
+    float_perplexity: the float model's, where the format measures it (hf causal LMs on text)."""
+    if target is not None and target.metric == "perplexity":
+        if float_perplexity is None:
+            raise EngineError("config.target.metric 'perplexity' needs a causal language model (a ...ForCausalLM) "
+                              "and real text: give an evaluation (or calibration) dataset of texts or input_ids, "
+                              "or use top1_agreement or cosine", code="dataset_mismatch")
+        return Goal("perplexity", target.max_drop, target.relative, float_perplexity, target.budget_s, True)
     if target is not None:
         if target.metric == "accuracy" and float_accuracy is None:
             raise EngineError("config.target.metric 'accuracy' needs labels: give an evaluation (or calibration) "

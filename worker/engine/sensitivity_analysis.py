@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 # a candidate (any object the format runs) and the first `upto` samples -> each sample's outputs
 Outputs = Callable[[Any, int], list[list[np.ndarray]]]
+Perplexity = Callable[[Any, int], "float | None"]  # a candidate and the first `upto` samples -> its perplexity
 
 
 @dataclass
@@ -45,19 +46,21 @@ def analyse(ctx: JobContext, *, float_model: object, plain: object, build: Calla
             outputs: Outputs, order: Callable[[], list[str]], samples: evaluate.Samples, runs_in: str,
             keep_as: str = "float", span: tuple[float, float] = (0.40, 0.45),
             latency: Callable[[object, object], dict[str, Any]] | None = None,
-            plain_bytes: Callable[[object], int] | None = None) -> Outcome:
+            plain_bytes: Callable[[object], int] | None = None, perplexity: Perplexity | None = None) -> Outcome:
     """metrics.sensitivity for `plain` (whose quantized layers order() returns, most suspect first), and with
     config.target the fewest most sensitive layers to keep at `keep_as` ("float", or "int8" for int4 weight-only)
     until it holds. build(kept) quantizes with `kept` at higher precision; runs_in says what runs the candidates
     (for the report's method). Returns what to keep; the handler builds and delivers that. latency(plain, chosen)
     gives metrics.target.cost's latency (latency_cost), plain_bytes(plain) the plain candidate's saved size
-    (attach() reads the delivered one); plain_bytes may consume `plain`."""
+    (attach() reads the delivered one); plain_bytes may consume `plain`. perplexity(candidate, upto), where the
+    format measures it (hf causal LMs on text), adds it to every figure and makes it a metric a target may name."""
     started = time.monotonic()
     batches, labels = samples.batches, samples.labels
     reference = outputs(float_model, len(batches))
     float_accuracy = None if labels is None else m.accuracy_top1([r[0] for r in reference], labels)
     has_top1 = m.top1_agreement([r[0] for r in reference], [r[0] for r in reference]) is not None
-    goal = s.goal(ctx.config.target, float_accuracy, has_top1)
+    float_perplexity = None if perplexity is None else perplexity(float_model, len(batches))
+    goal = s.goal(ctx.config.target, float_accuracy, has_top1, float_perplexity=float_perplexity)
     deadline = started + goal.budget_s
     probes = min(len(batches), s.PROBE_SAMPLES)
     probe_labels = None if labels is None else labels[:probes]
@@ -65,12 +68,18 @@ def analyse(ctx: JobContext, *, float_model: object, plain: object, build: Calla
     if goal.metric == "accuracy" and probe_labels is not None:  # the probes' drop is against float on the same samples
         probe_goal = dataclasses.replace(goal, float_value=m.accuracy_top1([r[0] for r in reference[:probes]],
                                                                            probe_labels) or 0.0)
+    if goal.metric == "perplexity" and perplexity is not None:  # likewise: the float model's on the probe samples
+        probe_goal = dataclasses.replace(goal, float_value=perplexity(float_model, probes) or 0.0)
+
+    def judge(candidate: object, upto: int, labels_: np.ndarray | None) -> s.Figures:
+        found = s.figures(reference[:upto], outputs(candidate, upto), labels_)
+        return found if perplexity is None else dataclasses.replace(found, perplexity=perplexity(candidate, upto))
 
     def judge_all(candidate: object) -> s.Figures:
-        return s.figures(reference, outputs(candidate, len(batches)), labels)
+        return judge(candidate, len(batches), labels)
 
     def judge_probe(candidate: object) -> s.Figures:
-        return s.figures(reference[:probes], outputs(candidate, probes), probe_labels)
+        return judge(candidate, probes, probe_labels)
 
     low, high = span
     before = judge_all(plain)

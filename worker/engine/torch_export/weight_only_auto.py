@@ -8,20 +8,18 @@ labels needed, and at the float point its Hessian is the Gauss-Newton J^T J, pos
 trace is a true sensitivity. Tr(H_l) comes from Hutchinson's estimator, E[v^T H v] over Rademacher vectors v, with
 one Hessian-vector product per probe for all layers at once (torch.autograd, double backward through the float
 program's module()); the cross-layer terms of v_l . (Hv)_l average to zero. ||Q(W) - W||^2 is exact: torchao's
-own int4 and int8 rounding of each weight, dequantized. A 0/1 knapsack (the one ONNX bits auto uses) then picks
+own int4 and int8 rounding of each weight, dequantized. A 0/1 knapsack (bits_auto.allocate, shared) then picks
 the layers to raise to int8 whose summed loss reduction is largest within the bytes the budget leaves above
 all-int4; the built program is saved and measured against the budget, never assumed.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worker.engine import evaluate
-from worker.engine.errors import EngineError
+from worker.engine import bits_auto, evaluate
 from worker.engine.torch_export.graph import batched, tensor_attr
 
 if TYPE_CHECKING:
@@ -35,7 +33,6 @@ if TYPE_CHECKING:
 PROBES = 4  # Rademacher vectors: HAWQ's traces settle within a few; each costs one Hessian-vector product
 SAMPLES = 32  # calibration samples the loss is taken over
 BATCH = 16
-REFITS = 3  # a built program over budget (alignment padding per tensor) is re-planned with a tighter budget
 Quantize = Callable[[Any, str, Any, int], tuple]  # weight_only._quantize_weight
 
 
@@ -117,65 +114,19 @@ def plan(ctx: JobContext, float_module: fx.GraphModule, targets: list[tuple[str,
             continue  # _lower leaves it float and says so
         error4, bytes4 = _rounding_error(weight, kind, config, group, quantize)
         error8, bytes8 = _rounding_error(weight, kind, eight, group, quantize)
-        per_weight = traces[path] / weight.numel()
-        rows[path] = {"hessian_trace": traces[path], "trace_per_weight": per_weight, "error_4bit": error4,
-                      "error_8bit": error8, "bytes_4bit": bytes4, "bytes_8bit": bytes8,
-                      "gain": 0.5 * per_weight * (error4 - error8), "extra_bytes": bytes8 - bytes4}
+        rows[path] = bits_auto.layer_row(traces[path], weight.numel(), error4, error8, bytes4, bytes8, source)
     ctx.log("info", f"bits auto: Hessian traces of {len(rows)} layers from {PROBES} Rademacher probes on "
                     f"{len(chosen)} {source} samples")
-    for row in rows.values():
-        row["source"] = source
     return rows
+
+
+METHOD = ("HAWQ: Hessian trace (Hutchinson, Rademacher probes, Gauss-Newton of the output distance to float) x "
+          "rounding error per layer, 0/1 knapsack on loss saved per byte")
+FLOOR_NOTE = "Layers that stay float (excluded, or not Linear/Embedding) and the graph are not counted down"
 
 
 def allocate(ctx: JobContext, rows: dict[str, dict[str, Any]], *, original_bytes: int, bytes4: int,
              size_of: Callable[[frozenset[str]], int]) -> tuple[set[str], dict[str, Any]]:
-    """The layers to raise to int8 within max_size_ratio, and the report's bits_auto. size_of(at_int8) builds and
-    saves that mix and returns its bytes. Raises budget_not_met when all-int4 is already over the budget."""
-    from worker.engine.onnx.weight_only_budget import knapsack  # format-free; onnx itself is imported lazily there
-
-    config = ctx.config
-    max_bytes = config.max_size_ratio * original_bytes
-    if bytes4 > max_bytes:
-        raise EngineError(f"the budget cannot be met: with every quantizable layer at 4 bits the program is already "
-                          f"{bytes4 / original_bytes:.3f} of the float file > max_size_ratio {config.max_size_ratio}. "
-                          "Layers that stay float (excluded, or not Linear/Embedding) and the graph are not counted "
-                          "down; raise the budget, or use bits 4", code="budget_not_met")
-    all8 = bytes4 + sum(r["extra_bytes"] for r in rows.values())
-    gains = {p: r["gain"] for p, r in rows.items()}
-    room, chosen, size = max_bytes - bytes4, set(), bytes4
-    for _ in range(REFITS):
-        chosen = knapsack(gains, {p: r["extra_bytes"] for p, r in rows.items()}, room) if room > 0 else set()
-        if not chosen:
-            size = bytes4
-            break
-        size = size_of(frozenset(chosen))
-        if size <= max_bytes:
-            break
-        ctx.log("info", f"bits auto: {len(chosen)} layers at 8 bits came out at {size} bytes, over {max_bytes:.0f}; "
-                        "planning tighter")
-        room *= 0.98 * (max_bytes - bytes4) / (size - bytes4)
-        chosen, size = set(), bytes4
-    ranked = sorted(rows, key=lambda p: rows[p]["gain"] / max(rows[p]["extra_bytes"], 1), reverse=True)
-    layers = []
-    for rank, path in enumerate(ranked, 1):
-        row = rows[path]
-        why = (f"int8: rank {rank} by loss saved per extra byte, within the budget" if path in chosen else
-               "int4: the budget left no room for it" if row["gain"] > 0 else "int4: int8 saves no loss here")
-        layers.append({"name": path, "bits": 8 if path in chosen else 4, "rank": rank, "why": why,
-                       **{k: (round(v, 9) if isinstance(v, float) else v) for k, v in row.items() if k != "source"}})
-    report = {"method": "HAWQ: Hessian trace (Hutchinson, Rademacher probes, Gauss-Newton of the output distance "
-                        "to float) x rounding error per layer, 0/1 knapsack on loss saved per byte",
-              "probes": PROBES, "source": next(iter(rows.values()))["source"] if rows else None,
-              "max_size_ratio": config.max_size_ratio, "size_ratio": round(size / original_bytes, 4),
-              "all_4bit": {"size_ratio": round(bytes4 / original_bytes, 4)},
-              "all_8bit": {"size_ratio_estimated": round(all8 / original_bytes, 4)},
-              "predicted_loss": {"all_4bit": round(sum(0.5 * r["trace_per_weight"] * r["error_4bit"]
-                                                       for r in rows.values()), 9),
-                                 "chosen": round(sum(0.5 * r["trace_per_weight"] * r[
-                                     "error_8bit" if p in chosen else "error_4bit"] for p, r in rows.items()), 9)},
-              "layers": layers}
-    if not math.isfinite(report["predicted_loss"]["chosen"]):
-        report["predicted_loss"]["chosen"] = None
-    return chosen, report
-
+    """bits_auto.allocate for a .pt2: the layers to raise to int8 within max_size_ratio, and the report's bits_auto."""
+    return bits_auto.allocate(ctx, rows, original_bytes=original_bytes, bytes4=bytes4, size_of=size_of,
+                              method=METHOD, probes=PROBES, artifact="program", floor_note=FLOOR_NOTE)
