@@ -1,5 +1,6 @@
 """Issue 14 item 4 through the API: method auto sweeps the ONNX methods in one job and delivers the fastest candidate
-that meets the target, with the others downloadable; target_not_met still delivers; a cancel stops the sweep."""
+that meets the target, with the others downloadable; target_not_met still delivers; a cancel stops the sweep; a
+torch.export program's sweep delivers the same way."""
 
 from __future__ import annotations
 
@@ -128,9 +129,12 @@ def test_capabilities_name_the_formats_with_auto_and_a_named_static_candidate_ne
         service: Service, digits: dict[str, str]) -> None:
     client = service.client("auto")
     formats = client.get("/v1/capabilities").json()["formats"]
-    assert formats["onnx"]["supports_auto"] is True and formats["torch_export"]["supports_auto"] is False
+    assert all(formats[f]["supports_auto"] is True for f in ("onnx", "torch_export", "torchscript", "hf"))
     auto = formats["onnx"]["methods"]["auto"]
     assert auto["supports_target"] is True and "static_entropy" in auto["sweep_candidates"]
+    # the torch formats have no entropy observer: their second static candidate is histogram
+    pt2 = formats["torch_export"]["methods"]["auto"]["sweep_candidates"]
+    assert "static_histogram" in pt2 and "static_entropy" not in pt2
     assert "budget_s" in auto["options"]["properties"] and "candidates" in auto["options"]["properties"]
     openapi = client.get("/openapi.json").json()["components"]["schemas"]
     assert "supports_auto" in openapi["FormatCapability"]["properties"]
@@ -140,6 +144,36 @@ def test_capabilities_name_the_formats_with_auto_and_a_named_static_candidate_ne
         e["loc"] for e in response.json()["errors"]]
     response = submit(client, {"model_id": digits["model_id"], "method": "auto", "config": {"candidates": ["int2"]}})
     assert response.status_code == 422, response.text
+
+
+def test_auto_on_a_torch_export_program_delivers_its_pick_and_keeps_the_others_downloadable(
+        service: Service, tmp_path: Path) -> None:
+    # no calibration set: the static candidates are rows with their reason, and no AOTInductor compile runs (cheap)
+    client = service.client("auto")
+    example = torch.from_numpy(models.digits_data()[2][:2])
+    ids = digits_inputs(client, models.save_torch_export(models.train_digits_cnn(), example,
+                                                         tmp_path / "digits-cnn.pt2"), tmp_path)
+    job = _sweep(client, {"model_id": ids["model_id"], "evaluation_dataset_id": ids["evaluation_dataset_id"]})
+    assert job["status"] == "succeeded", job["error"]
+    sweep = job["metrics"]["sweep"]
+    rows = {c["name"]: c for c in sweep["candidates"]}
+    assert list(rows) == ["dynamic", "static_minmax", "static_histogram", "weight_only_int8", "weight_only_int4"]
+    assert {rows[n]["error"]["code"] for n in ("static_minmax", "static_histogram")} == {"needs_calibration"}
+    measured = [c for c in rows.values() if c["error"] is None]
+    assert len(measured) == 3 and sweep["target"]["metric"] == "accuracy"
+    chosen = rows[sweep["recommended"]]
+    meeting = [c for c in measured if c["meets_target"]]
+    if meeting:  # the fastest meeting the default goal; else the most faithful, with a warning
+        assert chosen["meets_target"]
+        assert chosen["latency"]["ms_p50"] <= min(c["latency"]["ms_p50"] for c in meeting) * (1 + LATENCY_TIE)
+    else:
+        assert chosen["drop"] == min(c["drop"] for c in measured)
+        assert any("no candidate meets the default goal" in w for w in job["metrics"]["warnings"])
+    files = _artifacts_downloadable(service, job, tmp_path)
+    assert files[f"digits-cnn.{chosen['name']}.pt2"]["kind"] == "model"
+    assert {n for n, a in files.items() if a["kind"] == "candidate"} == {
+        f"digits-cnn.{c['name']}.pt2" for c in measured if c is not chosen}
+    assert files[f"digits-cnn.{chosen['name']}.pt2"]["size_bytes"] == job["metrics"]["size"]["quantized_bytes"]
 
 
 @pytest.fixture(scope="module")

@@ -97,6 +97,23 @@ def test_a_target_reaches_the_methods_that_take_one_and_candidates_can_be_chosen
         AutoConfig(candidates=("int2",))
 
 
+def test_the_torch_formats_sweep_a_histogram_static_and_hf_its_two_weight_only_widths() -> None:
+    pt2 = sweep.plan(ModelFormat.torch_export, AutoConfig(), device=Device.cpu, has_calibration=True,
+                     has_linear_weights=False)
+    assert [(p.name, p.skip and p.skip["code"]) for p in pt2] == [
+        ("dynamic", None), ("static_minmax", None), ("static_histogram", None),
+        ("weight_only_int8", "nothing_to_quantize"), ("weight_only_int4", "nothing_to_quantize")]
+    assert "Linear/Embedding" in pt2[3].skip["message"] and pt2[2].config["calibration"]["algorithm"] == "histogram"
+    # named anyway: torch has no entropy observer, and TorchScript no weight_only; each row says why
+    named = sweep.plan(ModelFormat.torchscript, AutoConfig(candidates=("static_entropy", "weight_only_int8")),
+                       device=Device.cpu, has_calibration=True, has_linear_weights=True)
+    assert [p.skip["code"] for p in named] == ["unsupported", "unsupported"]
+    assert "histogram" in named[0].skip["message"] and "not offered" in named[1].skip["message"]
+    hf = sweep.plan(ModelFormat.hf, AutoConfig(), device=Device.cpu, has_calibration=False, has_linear_weights=True)
+    assert [(p.name, p.skip) for p in hf] == [("weight_only_int8", None), ("weight_only_int4", None)]
+    assert AutoConfig(candidates=("static_histogram",)).required_datasets() == {"calibration"}
+
+
 def test_report_html_shows_the_sweep_table_with_names_as_text() -> None:
     rows = [_row("fast<script>", 0.25, 0.996, 5.0), _row("slow", 0.26, 0.9999, 8.0)]
     choice = sweep.choose(rows, COSINE)

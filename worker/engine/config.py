@@ -166,8 +166,9 @@ class WeightOnlyConfig(MethodConfig):
 
 # method auto's candidates, in the order they run (registry: MethodSpec.sweep_candidates; worker/engine/sweep.py
 # maps each to its method and options)
-SweepCandidate = Literal["dynamic", "static_minmax", "static_entropy", "weight_only_int8", "weight_only_int4"]
-STATIC_CANDIDATES = frozenset({"static_minmax", "static_entropy"})
+SweepCandidate = Literal["dynamic", "static_minmax", "static_entropy", "static_histogram", "weight_only_int8",
+                         "weight_only_int4"]
+STATIC_CANDIDATES = frozenset({"static_minmax", "static_entropy", "static_histogram"})
 
 
 class AutoConfig(MethodConfig):

@@ -154,6 +154,10 @@ _PT2_TARGET: dict[str, Any] = {"supports_target": True, "target_metrics": ("accu
 # TorchScript classifiers and encoders: the same figures, on the module torch.ao's JIT passes build
 # (torchscript/sensitivity.py)
 _TS_TARGET: dict[str, Any] = {"supports_target": True, "target_metrics": ("accuracy", "top1_agreement", "cosine")}
+# method auto on the other formats: the sweep itself judges every candidate by these (sweep.choose), and passes the
+# target on to each candidate whose method takes one
+_SWEEP_TARGET: dict[str, Any] = {"supports_target": True,
+                                 "target_metrics": ("accuracy", "top1_agreement", "cosine")}
 
 # Written out by hand, one line per backend path that exists and is tested.
 SPECS: Final[Mapping[tuple[ModelFormat, Method], MethodSpec]] = {
@@ -187,6 +191,16 @@ SPECS: Final[Mapping[tuple[ModelFormat, Method], MethodSpec]] = {
         MethodSpec(ModelFormat.hf, Method.weight_only, WeightOnlyConfig,
                    "worker.engine.hf.weight_only:run", _CPU_CUDA, Status.experimental, dtypes=("int8", "int4"),
                    option_limits=_hf_weight_only_limits),
+        MethodSpec(ModelFormat.torch_export, Method.auto, AutoConfig, "worker.engine.torch_export.auto:run", _CPU,
+                   Status.experimental, dtypes=("int8", "int4"), **_PT2_TARGET,
+                   sweep_candidates=("dynamic", "static_minmax", "static_histogram", "weight_only_int8",
+                                     "weight_only_int4")),
+        MethodSpec(ModelFormat.torchscript, Method.auto, AutoConfig, "worker.engine.torchscript.auto:run", _CPU,
+                   Status.experimental, **_SWEEP_TARGET,
+                   sweep_candidates=("dynamic", "static_minmax", "static_histogram")),
+        MethodSpec(ModelFormat.hf, Method.auto, AutoConfig, "worker.engine.hf.auto:run", _CPU,
+                   Status.experimental, dtypes=("int8", "int4"), **_SWEEP_TARGET,
+                   sweep_candidates=("weight_only_int8", "weight_only_int4")),
         # cuda: training only; convert and delivery run on the CPU (tests/unit/test_cuda_paths.py, marker gpu)
         MethodSpec(ModelFormat.torch_export, Method.qat, QATConfig,
                    "worker.engine.torch_export.qat:run", _CPU_CUDA, Status.experimental, needs_training=True),

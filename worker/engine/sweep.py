@@ -19,11 +19,14 @@ from worker.engine.types import Device, Method, ModelFormat
 
 # Each candidate: the registry's method and the options that make it this candidate (the user's exclude and
 # target are added to them). Two calibration algorithms for static, as issue 14 asks: minmax is the cheap one,
-# entropy the one that clips long tails (ENGINE.md: equal on the digits CNN, ~2x the calibration time).
+# entropy the one that clips long tails (ENGINE.md: equal on the digits CNN, ~2x the calibration time); the torch
+# formats have no entropy observer (registry._torch_static_limits), so theirs is histogram, the observer that
+# searches the clipping range minimising the L2 error.
 CANDIDATES: dict[str, tuple[Method, dict[str, Any]]] = {
     "dynamic": (Method.dynamic, {}),
     "static_minmax": (Method.static, {"calibration": {"algorithm": "minmax"}}),
     "static_entropy": (Method.static, {"calibration": {"algorithm": "entropy"}}),
+    "static_histogram": (Method.static, {"calibration": {"algorithm": "histogram"}}),
     "weight_only_int8": (Method.weight_only, {"dtype": "int8"}),
     "weight_only_int4": (Method.weight_only, {"dtype": "int4"}),
 }
@@ -32,6 +35,9 @@ CANDIDATES: dict[str, tuple[Method, dict[str, Any]]] = {
 LATENCY_TIE = 0.05
 # Why a candidate did not run that is the sweep's own (the others are the job error codes its method raised)
 SWEEP_CODES = ("needs_calibration", "budget_exceeded")
+# What weight_only quantizes in each format, for the row of a model that has none
+LINEAR_WEIGHTS = {ModelFormat.onnx: "MatMul/Gemm", ModelFormat.torch_export: "Linear/Embedding",
+                  ModelFormat.hf: "Linear"}
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,8 @@ def plan(fmt: ModelFormat, config: AutoConfig, *, device: Device, has_calibratio
         elif inner.needs_calibration and not has_calibration:
             skip = skipped("needs_calibration", f"{method} needs calibration_dataset_id; give one to try it")
         elif method == Method.weight_only and not has_linear_weights:
-            skip = skipped("nothing_to_quantize", "weight_only quantizes MatMul/Gemm weights and this model has none")
+            what = LINEAR_WEIGHTS.get(fmt, "Linear")
+            skip = skipped("nothing_to_quantize", f"weight_only quantizes {what} weights and this model has none")
         else:
             skip = None
         planned.append(Planned(name, method, dumped, skip))
