@@ -131,17 +131,26 @@ def test_a_torchscript_target_no_candidate_meets_is_target_not_met_with_the_most
     assert "it is delivered as the job's artifact" in result.error["message"]
 
 
-def test_hf_auto_on_a_tiny_llama_sweeps_int8_and_int4_and_says_its_latency_is_float_like(tmp_path: Path) -> None:
+def test_hf_auto_on_a_tiny_llama_judges_a_perplexity_target_and_says_its_latency_is_float_like(
+        tmp_path: Path) -> None:
     llama = hf_models.tiny_llama_zip(tmp_path)
     texts = hf_models.write_text_dataset(tmp_path / "texts.jsonl", 24)
     work = tmp_path / "out"
-    result = engine.quantize(llama, "hf", "auto", {}, work, evaluation_path=texts)
-    rows = {c["name"]: c for c in result.metrics["sweep"]["candidates"]}
+    result = engine.quantize(llama, "hf", "auto", {"target": {"metric": "perplexity", "max_drop": 0.02,
+                                                             "relative": True}}, work, evaluation_path=texts)
+    sweep = result.metrics["sweep"]
+    rows = {c["name"]: c for c in sweep["candidates"]}
     assert list(rows) == ["weight_only_int8", "weight_only_int4"] and all(r["error"] is None for r in rows.values())
-    assert result.metrics["sweep"]["target"]["metric"] == "top1_agreement"  # next-token logits: class scores
+    assert sweep["target"]["metric"] == "perplexity" and sweep["target"]["source"] == "target"
+    # the float perplexity the sweep judges by is the one each candidate's own job measured on the same texts
+    assert sweep["target"]["float"] == pytest.approx(result.metrics["perplexity"]["float"], rel=1e-4)
+    for row in rows.values():
+        rise = (row["fidelity"]["perplexity"] - sweep["target"]["float"]) / sweep["target"]["float"]
+        assert row["drop"] == pytest.approx(rise, abs=1e-4) and row["meets_target"] == (rise <= 0.02)
     assert rows["weight_only_int8"]["fidelity"]["cosine"] > rows["weight_only_int4"]["fidelity"]["cosine"]
     assert rows["weight_only_int4"]["size_ratio"] < rows["weight_only_int8"]["size_ratio"]
     assert LATENCY_WARNING in result.metrics["warnings"]
+    assert (result.error is None) == any(r["meets_target"] for r in rows.values())
     check_pick(result, work, ".zip", whole_file=False)  # also: the unpacked float and candidate folders are gone
 
 

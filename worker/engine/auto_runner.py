@@ -72,14 +72,16 @@ class _Slice:
         self.progress(stage, self.last)
 
 
-def measured_goal(target: TargetConfig | None, run: Runner, samples: evaluate.Samples) -> s.Goal:
+def measured_goal(target: TargetConfig | None, run: Runner, samples: evaluate.Samples, *,
+                  float_perplexity: float | None = None) -> s.Goal:
     """The goal (the target, else the default) read from the float model's outputs on the samples every candidate
-    is measured on; the target's own checks (labels for accuracy, class scores for top1_agreement) fail here,
-    before any candidate runs."""
+    is measured on; the target's own checks (labels for accuracy, class scores for top1_agreement, perplexity
+    where the format measured it) fail here, before any candidate runs."""
     reference = [evaluate.unpadded(b, run(b)) for b in samples.batches]
     firsts = [r[0] for r in reference]
     float_accuracy = None if samples.labels is None else m.accuracy_top1(firsts, samples.labels)
-    return s.goal(target, float_accuracy, m.top1_agreement(firsts, firsts) is not None)
+    return s.goal(target, float_accuracy, m.top1_agreement(firsts, firsts) is not None,
+                  float_perplexity=float_perplexity)
 
 
 def sweep_all(ctx: JobContext, subject: Subject, started: float) -> QuantizeResult:

@@ -199,7 +199,8 @@ SPECS: Final[Mapping[tuple[ModelFormat, Method], MethodSpec]] = {
                    Status.experimental, **_SWEEP_TARGET,
                    sweep_candidates=("dynamic", "static_minmax", "static_histogram")),
         MethodSpec(ModelFormat.hf, Method.auto, AutoConfig, "worker.engine.hf.auto:run", _CPU,
-                   Status.experimental, dtypes=("int8", "int4"), **_SWEEP_TARGET,
+                   Status.experimental, dtypes=("int8", "int4"), supports_target=True,
+                   target_metrics=("accuracy", "top1_agreement", "cosine", "perplexity"),
                    sweep_candidates=("weight_only_int8", "weight_only_int4")),
         # cuda: training only; convert and delivery run on the CPU (tests/unit/test_cuda_paths.py, marker gpu)
         MethodSpec(ModelFormat.torch_export, Method.qat, QATConfig,

@@ -60,7 +60,7 @@ def plan(fmt: ModelFormat, config: AutoConfig, *, device: Device, has_calibratio
             planned.append(Planned(name, method, options, skipped("unsupported", f"{fmt}/{method} is not offered")))
             continue
         options = {**options, "exclude": list(config.exclude)}
-        if config.target is not None and inner.supports_target:
+        if config.target is not None and inner.supports_target and config.target.metric in inner.target_metrics:
             # a method that can keep layers float to reach the target gets the chance to; the others are judged
             options["target"] = config.target.model_dump(mode="json")
         effective = inner.config_model.model_validate(options)
@@ -87,10 +87,13 @@ def skipped(code: str, message: str) -> dict[str, str]:
 def measured_row(candidate: Planned, metrics: dict[str, Any], seconds: float) -> dict[str, Any]:
     """The table row of a candidate that delivered, from its own metrics (latency filled in by the caller)."""
     fidelity, accuracy = metrics.get("fidelity") or {}, metrics.get("accuracy") or {}
+    found = {"cosine": fidelity.get("cosine"), "top1_agreement": fidelity.get("top1_agreement"),
+             "accuracy": accuracy.get("quantized")}
+    perplexity = (metrics.get("perplexity") or {}).get("quantized")
+    if perplexity is not None:  # hf causal LMs on text; the other formats' rows keep their shape
+        found["perplexity"] = perplexity
     return {**_base(candidate), "size_ratio": metrics["size"]["ratio"],
-            "quantized_bytes": metrics["size"]["quantized_bytes"],
-            "fidelity": {"cosine": fidelity.get("cosine"), "top1_agreement": fidelity.get("top1_agreement"),
-                         "accuracy": accuracy.get("quantized")},
+            "quantized_bytes": metrics["size"]["quantized_bytes"], "fidelity": found,
             "latency": None, "seconds": round(seconds, 3), "warnings": list(metrics.get("warnings") or [])}
 
 
@@ -106,7 +109,8 @@ def _base(candidate: Planned) -> dict[str, Any]:
 
 def figures(row: dict[str, Any]) -> Figures:
     f = row["fidelity"]
-    return Figures(cosine=f["cosine"], top1_agreement=f["top1_agreement"], accuracy=f["accuracy"])
+    return Figures(cosine=f["cosine"], top1_agreement=f["top1_agreement"], accuracy=f["accuracy"],
+                   perplexity=f.get("perplexity"))
 
 
 @dataclass
