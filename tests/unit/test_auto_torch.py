@@ -106,6 +106,28 @@ def test_torch_export_auto_delivers_the_fastest_candidate_meeting_the_default_go
     assert max(sizes["static_minmax"], sizes["static_histogram"]) < min(sizes["dynamic"], sizes["weight_only_int8"])
 
 
+@pytest.mark.slow  # two AOTInductor compiles: ~90 s here
+def test_torch_export_static_candidates_are_timed_by_their_compiled_packages(
+        digits: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(AOTI_ENV, "1")
+    result = _sweep(digits, "pt2", "torch_export", tmp_path)
+    sweep = result.metrics["sweep"]
+    rows = {c["name"]: c for c in sweep["candidates"]}
+    assert all(c["error"] is None for c in rows.values())
+    kinds = {a.filename: a.kind for a in result.artifacts}
+    for name in ("static_minmax", "static_histogram"):  # each static candidate delivered its package too
+        package = "compiled_model" if rows[name]["recommended"] else "candidate"
+        assert kinds[f"model.{name}.aoti.pt2"] == package
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(kinds)
+    chosen = rows[sweep["recommended"]]
+    meeting = [c for c in rows.values() if c["meets_target"]]
+    assert chosen["meets_target"]
+    assert chosen["latency"]["ms_p50"] <= min(c["latency"]["ms_p50"] for c in meeting) * (1 + LATENCY_TIE)
+    # compiled int8 kernels against eager float and eager Q/DQ: the static packages are the fast ones here
+    slowest_static = max(rows[n]["latency"]["ms_p50"] for n in ("static_minmax", "static_histogram"))
+    assert slowest_static < min(rows[n]["latency"]["ms_p50"] for n in ("dynamic", "weight_only_int8"))
+
+
 def test_torchscript_auto_sweeps_dynamic_and_both_static_observers(digits: dict[str, Path], tmp_path: Path) -> None:
     result = _sweep(digits, "ts", "torchscript", tmp_path)
     assert result.error is None
@@ -154,7 +176,7 @@ def test_hf_auto_on_a_tiny_llama_judges_a_perplexity_target_and_says_its_latency
     check_pick(result, work, ".zip", whole_file=False)  # also: the unpacked float and candidate folders are gone
 
 
-@pytest.mark.slow  # two llm-compressor passes and four loads of the real MiniLM: ~80 s here
+@pytest.mark.slow  # two llm-compressor passes and four loads of the real MiniLM: 25-80 s here
 def test_hf_auto_on_minilm_delivers_int8_where_int4_misses_cosine_0995(tmp_path: Path) -> None:
     texts = hf_models.write_text_dataset(tmp_path / "texts.jsonl", 24)
     work = tmp_path / "out"
