@@ -1,9 +1,10 @@
 """method auto, format-neutral: which candidates a sweep runs, each one's row, the Pareto front and the pick.
 
-A format's handler (onnx/auto.py) runs the planned candidates through their own registry handlers and measures them
-alike; everything here is bookkeeping on the figures it brings back, kept free of any runtime so that the choice
-can be tested on plain numbers. The goal is sensitivity.py's: the user's target, else the default that
-suggested_exclude aims for (1% relative top-1, 1% top-1 agreement, or cosine 0.995).
+auto_runner.py runs the planned candidates through their own registry handlers and measures them alike (each
+format's auto.py brings the model, its samples and runners); everything here is bookkeeping on the figures it
+brings back, kept free of any runtime so that the choice can be tested on plain numbers. The goal is
+sensitivity.py's: the user's target, else the default that suggested_exclude aims for (1% relative top-1, 1% top-1
+agreement, or cosine 0.995).
 """
 
 from __future__ import annotations
