@@ -150,10 +150,12 @@ def test_auto_on_a_torch_export_program_delivers_its_pick_and_keeps_the_others_d
         service: Service, tmp_path: Path) -> None:
     # no calibration set: the static candidates are rows with their reason, and no AOTInductor compile runs (cheap)
     client = service.client("auto")
-    example = torch.from_numpy(models.digits_data()[2][:2])
-    ids = digits_inputs(client, models.save_torch_export(models.train_digits_cnn(), example,
-                                                         tmp_path / "digits-cnn.pt2"), tmp_path)
-    job = _sweep(client, {"model_id": ids["model_id"], "evaluation_dataset_id": ids["evaluation_dataset_id"]})
+    _, _, x_test, y_test = models.digits_data()
+    model = upload_model(client, models.save_torch_export(models.train_digits_cnn(), torch.from_numpy(x_test[:2]),
+                                                          tmp_path / "digits-cnn.pt2"))
+    assert model["status"] == "ready", model["error"]
+    evaluation = upload_dataset(client, models.save_npz(tmp_path / "ev.npz", x=x_test, labels=y_test))
+    job = _sweep(client, {"model_id": model["id"], "evaluation_dataset_id": evaluation["id"]})
     assert job["status"] == "succeeded", job["error"]
     sweep = job["metrics"]["sweep"]
     rows = {c["name"]: c for c in sweep["candidates"]}
