@@ -17,6 +17,7 @@ import torch
 
 from tests import hf_models, models
 from worker import engine
+from worker.engine import auto_runner
 from worker.engine.auto_runner import artifact_name
 from worker.engine.hf.auto import LATENCY_WARNING
 from worker.engine.sweep import LATENCY_TIE
@@ -151,6 +152,25 @@ def test_a_torchscript_target_no_candidate_meets_is_target_not_met_with_the_most
     chosen = check_pick(result, tmp_path, ".pt")
     assert chosen["drop"] == min(c["drop"] for c in measured) > 0.0
     assert "it is delivered as the job's artifact" in result.error["message"]
+
+
+def test_a_candidate_whose_file_does_not_load_back_is_a_row_with_its_reason_and_leaves_no_file(
+        digits: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = auto_runner.model_file
+
+    def broken(result: engine.QuantizeResult, kind: str = "model") -> Path | None:
+        path = real(result, kind)
+        if path is not None and path.parent.name == "static_minmax":
+            raise RuntimeError("truncated archive")
+        return path
+
+    monkeypatch.setattr(auto_runner, "model_file", broken)
+    result = _sweep(digits, "ts", "torchscript", tmp_path)
+    rows = {c["name"]: c for c in result.metrics["sweep"]["candidates"]}
+    assert rows["static_minmax"]["error"]["code"] == "engine_error"
+    assert "did not load back" in rows["static_minmax"]["error"]["message"]
+    assert not rows["static_minmax"]["recommended"] and rows["static_minmax"]["latency"] is None
+    check_pick(result, tmp_path, ".pt")  # the two others delivered, and nothing of static_minmax is left
 
 
 def test_hf_auto_on_a_tiny_llama_judges_a_perplexity_target_and_says_its_latency_is_float_like(

@@ -116,7 +116,8 @@ def sweep_all(ctx: JobContext, subject: Subject, started: float) -> QuantizeResu
                           code=codes.pop() if len(codes) == 1 else "unsupported")
 
     ctx.progress("benchmarking", CANDIDATES_END)
-    float_ms, runs = _shared_latency(subject, rows, delivered)
+    runners = _load_back(ctx, subject, rows, delivered)
+    float_ms, runs = _shared_latency(subject, rows, runners)
     choice = sweep.choose(rows, subject.goal)
     ctx.progress("packaging", 0.96)
     return _result(ctx, subject, rows, delivered, choice, float_ms, runs, time.monotonic() - started)
@@ -159,12 +160,38 @@ def model_file(result: QuantizeResult, kind: str = "model") -> Path | None:
     return next((a.path for a in result.artifacts if a.kind == kind), None)
 
 
-def _shared_latency(subject: Subject, rows: list[dict[str, Any]],
-                    delivered: dict[str, QuantizeResult]) -> tuple[float, int]:
+def _load_back(ctx: JobContext, subject: Subject, rows: list[dict[str, Any]],
+               delivered: dict[str, QuantizeResult]) -> dict[str, Runner]:
+    """Each delivered candidate's files loaded back and run once on the timing sample. One that fails is no longer
+    delivered: its row says why and its files go; running out of memory or disk ends the job."""
+    runners: dict[str, Runner] = {}
+    for name in list(delivered):
+        try:
+            runner = subject.candidate_runner(delivered[name])
+            runner(subject.feed)
+        except (MemoryError, OSError):
+            raise
+        except Exception as exc:  # a runtime's own error types: this candidate cannot be timed or served
+            message = f"its delivered file did not load back and run: {type(exc).__name__}: {str(exc)[:500]}"
+            row = next(r for r in rows if r["name"] == name)
+            row["error"] = {"code": "engine_error", "message": message}
+            del delivered[name]
+            shutil.rmtree(ctx.work_dir.resolve() / "candidates" / name, ignore_errors=True)
+            ctx.log("warning", f"candidate {name} dropped: {message}")
+            continue
+        runners[name] = runner
+    if not runners:
+        raise EngineError("method auto: no delivered candidate loaded back to be timed ("
+                          + "; ".join(f"{r['name']}: {r['error']['message']}" for r in rows if r["error"]) + ")",
+                          code="engine_error")
+    return runners
+
+
+def _shared_latency(subject: Subject, rows: list[dict[str, Any]], candidates: dict[str, Runner]) -> tuple[float, int]:
     """Float and every delivered candidate in one interleaved loop (batch 1, one thread); fills each row's latency.
     Returns the float model's ms p50 and the rounds run."""
-    names = list(delivered)
-    runners = [subject.float_runner(), *(subject.candidate_runner(delivered[n]) for n in names)]
+    names = list(candidates)
+    runners = [subject.float_runner(), *candidates.values()]
     feed = subject.feed
     calls = [lambda r=r: r(feed) for r in runners]
     torch = sys.modules.get("torch")  # a torch format's models: one thread, as metrics.latency; never imported here
