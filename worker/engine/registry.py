@@ -204,7 +204,8 @@ SPECS: Final[Mapping[tuple[ModelFormat, Method], MethodSpec]] = {
                    sweep_candidates=("weight_only_int8", "weight_only_int4")),
         # cuda: training only; convert and delivery run on the CPU (tests/unit/test_cuda_paths.py, marker gpu)
         MethodSpec(ModelFormat.torch_export, Method.qat, QATConfig,
-                   "worker.engine.torch_export.qat:run", _CPU_CUDA, Status.experimental, needs_training=True),
+                   "worker.engine.torch_export.qat:run", _CPU_CUDA, Status.experimental, needs_training=True,
+                   **_PT2_TARGET),
     )
 }
 

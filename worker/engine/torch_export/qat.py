@@ -4,13 +4,17 @@ Losses: `distillation` (default) is KL divergence to the float model's softmax f
 outputs ([batch, classes]) and MSE to its outputs otherwise, so it needs no labels; `mse` is MSE to
 the float model's outputs (prefer it for embedding outputs, which are not logits); `cross_entropy`
 needs integer `labels` in the training set. Adam optimises every parameter at `learning_rate`.
+
+After training, every report ranks the layers (metrics.sensitivity) and config.target keeps the most sensitive
+ones float until it holds (torch_export/sensitivity.py), on candidates qat_candidates.py converts from the
+trained model with those layers float, without retraining.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,8 +25,9 @@ from worker.engine import accelerator, evaluate
 from worker.engine import metrics as m
 from worker.engine.errors import EngineError
 from worker.engine.torch_export import common as pt2_common
-from worker.engine.torch_export import x86_recipe
-from worker.engine.torch_export.deliver import deliver
+from worker.engine.torch_export import qat_candidates, qat_target, x86_recipe
+from worker.engine.torch_export import sensitivity as pt2_sensitivity
+from worker.engine.torch_export.deliver import deliver, layer_rows, weights_per_channel
 from worker.engine.torch_export.graph import example_args, weight_layer_names
 from worker.engine.types import Device, QuantizeResult, TensorSpec
 
@@ -35,6 +40,10 @@ if TYPE_CHECKING:
 MAX_TRAINING_SAMPLES = 1_000_000
 CHECK_SAMPLES = 256  # fake-quant vs converted comparison, on the samples the job measures on
 PROGRESS_UPDATES = 100  # progress events over the whole training, however many steps it has
+CANDIDATES = ("each candidate (probe or kept set) is the trained model converted with those layers float, not "
+              "retrained: quantized layers keep their fine-tuned weights, trained activation ranges and weight "
+              "grids, float layers take the uploaded weights (qat_candidates.py). A target no candidate meets gets "
+              "one more fine-tune with the chosen layers float (metrics.target.retrained)")
 
 
 def _training_set(ctx: JobContext, specs: list[TensorSpec], config: QATConfig) -> tuple[list, Any]:
@@ -60,9 +69,7 @@ def _training_set(ctx: JobContext, specs: list[TensorSpec], config: QATConfig) -
 def _module_copy(program: torch.export.ExportedProgram, device: str):  # noqa: ANN202 - GraphModule
     """program.module() shares the program's tensors (training or .to(device) would change the float
     reference the job measures against), so copy it."""
-    with warnings.catch_warnings():  # torch's own pytree pickling warns about its LeafSpec on deepcopy
-        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*LeafSpec.*")
-        module = copy.deepcopy(program.module())
+    module = qat_candidates.graph_copy(program.module())
     return module if device == "cpu" else _moved(module, device)
 
 
@@ -130,7 +137,7 @@ def _loss(kind: str, student: Any, teacher: Any, labels: Any):  # noqa: ANN202 -
 
 
 def _train(ctx: JobContext, prepared: Any, teacher: Any, inputs: list, labels: Any, config: QATConfig,
-           device: str) -> list[float]:
+           device: str, span: tuple[float, float] = (0.05, 0.40)) -> list[float]:
     import torch
     from torchao.quantization.pt2e import move_exported_model_to_eval
 
@@ -167,10 +174,10 @@ def _train(ctx: JobContext, prepared: Any, teacher: Any, inputs: list, labels: A
             optimizer.step()
             running, batches = running + loss.item(), batches + 1
             if step % every == 0:
-                ctx.progress("training", 0.05 + 0.35 * step / total)
+                ctx.progress("training", span[0] + (span[1] - span[0]) * step / total)
         losses.append(running / max(batches, 1))
         ctx.log("info", f"QAT epoch {epoch + 1}/{config.epochs}: mean {config.loss} loss {losses[-1]:.5f}")
-        ctx.progress("training", 0.05 + 0.35 * step / total)
+        ctx.progress("training", span[0] + (span[1] - span[0]) * step / total)
     return losses
 
 
@@ -179,11 +186,79 @@ def _outputs(module: Any, samples: evaluate.Samples, specs: list[TensorSpec]) ->
     return [runner(batch) for batch in samples.batches[:CHECK_SAMPLES]]
 
 
+@dataclasses.dataclass
+class _Training:
+    """What every fine-tune of a job shares: the float program, its training data, the recipe, the device."""
+
+    ctx: JobContext
+    program: Any  # torch.export.ExportedProgram
+    specs: list[TensorSpec]
+    inputs: list
+    labels: Any
+    qconfig: Any
+    device: str
+
+    def fine_tune(self, excluded: set[str], span: tuple[float, float]) -> tuple[Any, Any, list[float]]:
+        """Prepare a fresh training graph with `excluded` float, train it, freeze its ranges; returns the graph
+        before prepare (the upload's weights, for qat_candidates), the trained one (both on the CPU), the losses."""
+        from torchao.quantization.pt2e.fake_quantize import disable_observer
+        from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=UserWarning, module=r"torchao\..*")
+                graph = _training_graph(self.program, self.specs, self.device)
+                pristine = qat_candidates.graph_copy(graph)  # prepare rewrites `graph` in place
+                prepared = prepare_qat_pt2e(graph, qat_candidates.quantizer(self.qconfig, excluded))
+        except EngineError:
+            raise
+        except Exception as exc:  # export and PT2E raise many types on graphs they cannot handle
+            raise EngineError(f"PT2E QAT preparation failed on this program: {type(exc).__name__}: "
+                              f"{str(exc)[:500]}", code="unsupported") from exc
+        config: QATConfig = self.ctx.config
+        teacher = _module_copy(self.program, self.device)  # eval-mode batch-norm: only read, never trained
+        losses = _train(self.ctx, prepared, teacher, self.inputs, self.labels, config, self.device, span)
+        del teacher
+        prepared.apply(disable_observer)  # freeze the ranges training ended with; checks must not move them
+        if self.device != "cpu":
+            prepared, pristine = _moved(prepared, "cpu"), _moved(pristine, "cpu")
+        return pristine, prepared, losses
+
+    def converted(self, excluded: set[str]) -> Any:
+        """Fine-tune again with `excluded` float (qat_target.py) and convert."""
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+        return convert_pt2e(self.fine_tune(excluded, (0.44, 0.445))[1])
+
+
+def _sensitivity(ctx: JobContext, program: torch.export.ExportedProgram, specs: list[TensorSpec],
+                 samples: evaluate.Samples, converted: Any, candidates: qat_candidates.TrainedCandidates,
+                 bits: int) -> tuple[pt2_sensitivity.Outcome, Any]:
+    """metrics.sensitivity of the trained model and, with config.target, the layers to keep float; returns the
+    outcome and the module to deliver: the trained model converted, or the candidate the search chose (built
+    again: the builds are deterministic, as static's)."""
+    artifact = ctx.work_dir / f"{ctx.model_name}.int8.pt2"  # deliver()'s name: the plain candidate's size uses it
+    quantized = [row["name"] for row in layer_rows(converted, bits) if row["weight_dtype"] != "float32"]
+    sensed = pt2_sensitivity.analyse(ctx, float_module=program.module(), plain=converted, build=candidates.build,
+                                     candidates=quantized, specs=specs, samples=samples, span=(0.42, 0.44),
+                                     plain_bytes=lambda gm: pt2_sensitivity.saved_bytes(
+                                         gm, program, specs, artifact, weights_per_channel))
+    sensed.report["candidates"] = CANDIDATES
+    sensed.report["ranges_without_trained_state"] = candidates.observed_fresh
+    if sensed.kept:
+        converted = candidates.build(frozenset(sensed.kept))
+    return sensed, converted
+
+
 def run(ctx: JobContext) -> QuantizeResult:
     """Fine-tune a `.pt2` program with int8 (or 4-bit weight) fake quantization, then convert and deliver."""
+    with qat_candidates.traced_patterns_kept():  # prepare and convert run again for every candidate
+        return _run(ctx)
+
+
+def _run(ctx: JobContext) -> QuantizeResult:
     import torch
-    from torchao.quantization.pt2e.fake_quantize import disable_observer
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     config: QATConfig = ctx.config
     device = accelerator.torch_device(ctx.device)  # cuda trains there; convert and delivery stay on the CPU
@@ -202,24 +277,14 @@ def run(ctx: JobContext) -> QuantizeResult:
     if config.calibration != type(config.calibration)():
         notes.append("calibration options do not apply to QAT: activation ranges are the moving averages "
                      "observed during training")
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"torchao\..*")
-            graph = _training_graph(program, specs, device)
-            prepared = prepare_qat_pt2e(graph, x86_recipe.quantizer(qconfig, excluded))
-    except EngineError:
-        raise
-    except Exception as exc:  # export and PT2E raise many types on graphs they cannot handle
-        raise EngineError(f"PT2E QAT preparation failed on this program: {type(exc).__name__}: {str(exc)[:500]}",
-                          code="unsupported") from exc
-    teacher = _module_copy(program, device)  # eval-mode batch-norm: only read, never trained
+    training = _Training(ctx, program, specs, inputs, labels, qconfig, device)
     ctx.log("info", f"QAT on {device}: {len(inputs[0])} samples, {config.epochs} epoch(s), loss {config.loss}")
-    losses = _train(ctx, prepared, teacher, inputs, labels, config, device)
+    started = time.monotonic()
+    pristine, prepared, losses = training.fine_tune(excluded, (0.05, 0.40))
+    training_s = time.monotonic() - started
 
     ctx.progress("quantizing", 0.42)
-    prepared.apply(disable_observer)  # freeze the ranges training ended with; checks below must not move them
-    if device != "cpu":
-        prepared = _moved(prepared, "cpu")
+    candidates = qat_candidates.TrainedCandidates(pristine, prepared, qconfig, excluded, inputs, config.batch_size)
     fake_quant = _outputs(prepared, samples, specs)
     converted = convert_pt2e(prepared)  # folds BatchNorm into the convolutions, weights to int
     cos_mean, cos_min = m.cosine(fake_quant, _outputs(converted, samples, specs))
@@ -227,19 +292,29 @@ def run(ctx: JobContext) -> QuantizeResult:
     if cos_min < 0.99:
         notes.append(f"the converted model differs from the fake-quant model training produced (worst cosine "
                      f"{cos_min:.3f}): convert lost part of what training won")
+    sensed, converted = _sensitivity(ctx, program, specs, samples, converted, candidates, config.weight_bits)
+    retrained = qat_target.retrain(ctx, sensed, fine_tune=lambda kept: training.converted(excluded | kept),
+                                   training_s=training_s, float_module=program.module(), specs=specs, samples=samples)
+    if sensed.kept:
+        excluded |= set(sensed.kept)
+        notes.append(f"the accuracy target kept {', '.join(sensed.kept)} float after training" + (
+            ", fine-tuned again with them float" if retrained is not None else
+            ", with their uploaded weights and without retraining (resubmit with them in config.exclude to "
+            "fine-tune with them float)"))
     details = {"quantizer": "X86InductorQuantizer (is_qat=True)", "weight_bits": config.weight_bits,
                "granularity": config.granularity, "device": device, "loss": config.loss,
                "training_device": accelerator.describe(device), "converted_on": "cpu",
                "epochs": config.epochs, "epoch_losses": [round(v, 6) for v in losses],
-               "training_samples": len(inputs[0]), "reduce_range": reduce_range, "activation_range": range_note,
+               "training_s": round(training_s, 1), "training_samples": len(inputs[0]),
+               "reduce_range": reduce_range, "activation_range": range_note,
                "fake_quant_vs_converted": check, "kept_float": sorted(excluded),
                "convert_fix": "convert uses the fake-quant scales training used (TrainedGridFakeQuantize)"}
-    del teacher
     if device == "cuda":
         torch.cuda.empty_cache()
         notes.append("trained on cuda; the delivered program is a CPU program (X86 int8 recipe), converted, "
                      "compiled and measured on this worker's CPU")
     # the artifact is measured where it runs: metrics' latency.device says cpu, training_device says cuda
-    return deliver(dataclasses.replace(ctx, device=Device.cpu), float_program=program, converted=converted,
-                   specs=specs, samples=samples, bits=config.weight_bits, method_key="torch_export_qat",
-                   notes=notes, details=details)
+    result = deliver(dataclasses.replace(ctx, device=Device.cpu), float_program=program,
+                     converted=converted if retrained is None else retrained, specs=specs, samples=samples,
+                     bits=config.weight_bits, method_key="torch_export_qat", notes=notes, details=details)
+    return pt2_sensitivity.attach(result, sensed)
