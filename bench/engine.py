@@ -62,6 +62,14 @@ def _spread(p: Path) -> Path:
     return models.export_onnx(models.spread_digits_cnn(), torch.zeros(2, 1, 8, 8), p)
 
 
+def _spread_as(saver: Callable) -> Callable[[Path], Path]:
+    return lambda p: saver(models.spread_digits_cnn(), torch.zeros(2, 1, 8, 8), p)
+
+
+PER_TENSOR_MINMAX = {"granularity": "per_tensor", "calibration": MINMAX}
+ACCURACY_1PT = {"metric": "accuracy", "max_drop": 0.01}
+
+
 def _lm(p: Path) -> Path:
     return models.export_onnx(models.linear_heavy_transformer(), torch.from_numpy(models.token_ids(2)), p)
 
@@ -98,6 +106,11 @@ CASES = [
     Case("spread digits CNN", "onnx", "static", _spread,
          {"granularity": "per_tensor", "calibration": MINMAX, "target": {"metric": "accuracy", "max_drop": 0.01}},
          datasets=("calibration", "evaluation")),
+    # the same lossy case on the torch formats: plain and with the target (layers kept float, measured in memory)
+    *(Case("spread digits CNN", fmt, "static", saver, {**PER_TENSOR_MINMAX, **extra},
+           datasets=("calibration", "evaluation"))
+      for fmt, saver in (("torchscript", _spread_as(TS)), ("torch_export", _spread_as(PT2)))
+      for extra in ({}, {"target": ACCURACY_1PT})),
     Case("wide digits CNN", "torch_export", "qat", _cnn(PT2), {"epochs": 2},
          datasets=("training", "evaluation")),
     Case("transformer d256", "onnx", "weight_only", _lm, {"dtype": "int4", "group_size": 128}, text_input=True),
@@ -110,8 +123,13 @@ CASES = [
     Case("digits CNN 32x32", "onnx", "auto", _cnn32(ONNX), datasets=("calibration", "evaluation"), digits32=True),
     Case("all-MiniLM-L6-v2", "onnx", "auto", models.export_minilm_onnx, datasets=("calibration", "evaluation"),
          minilm_input=True),
+    Case("digits CNN 32x32", "torch_export", "auto", _cnn32(PT2), datasets=("calibration", "evaluation"),
+         digits32=True),
+    Case("wide digits CNN", "torchscript", "auto", _cnn(TS), datasets=("calibration", "evaluation")),
     Case("digits MLP", "torch_export", "weight_only", _mlp(PT2), {"dtype": "int8", "granularity": "per_channel"}),
     Case("digits MLP", "torch_export", "weight_only", _mlp(PT2), {"dtype": "int4", "group_size": 32}),
+    Case("digits MLP", "torch_export", "weight_only", _mlp(PT2),
+         {"bits": "auto", "group_size": 128, "max_size_ratio": 0.204}, datasets=("calibration", "evaluation")),
     Case("tiny Llama (random)", "hf", "weight_only", _tiny_llama, {"dtype": "int4", "group_size": 32},
          text_jsonl=True),
     Case("tiny Llama (random)", "hf", "weight_only", _tiny_llama, {"dtype": "int4", "algorithm": "gptq"},
