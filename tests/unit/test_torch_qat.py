@@ -2,7 +2,8 @@
 
 As in test_torch_static.py, the default run sets QUANTSERVE_AOTI=0 (no AOTInductor compile); the
 recovery test trains a 32x32 CNN for a few epochs and is marked `slow`. Training on cuda is tested in
-test_cuda_paths.py.
+test_cuda_paths.py. The W4 per-tensor tests (sensitivity and targets, issue 14) take a few seconds each: the first
+QAT job of the process traces torchao's rewrite patterns, the others reuse them (qat_candidates.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401 - the int8 .pt2 uses q
 from tests import models
 from worker.engine import EngineError, quantize
 from worker.engine.config import QATConfig
+from worker.engine.torch_export import qat_candidates, x86_recipe
 from worker.engine.torch_export.aoti import AOTI_ENV
+from worker.engine.torch_export.graph import WEIGHT_OPS, is_call, module_path
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +57,11 @@ def test_qat_distillation_needs_no_labels_and_convert_keeps_the_trained_model(
     assert details["fake_quant_vs_converted"]["cosine_min"] >= 0.999
     assert abs(result.metrics["accuracy"]["delta"]) <= 0.02
     assert [layer["weight_dtype"] for layer in result.metrics["layers"]] == ["int8"] * 3
+    sensitivity = result.metrics["sensitivity"]  # in every report: each layer converted alone after training
+    drops = [layer["drop"] for layer in sensitivity["layers"]]
+    assert {layer["name"] for layer in sensitivity["layers"]} == {"conv1", "conv2", "head"}
+    assert drops == sorted(drops, reverse=True) and sensitivity["goal"]["source"] == "default"
+    assert "target" not in result.metrics and result.error is None
 
     program = torch.export.load(str(artifact.path))
     assert not [n for n in program.graph.nodes if "batch_norm" in str(n.target)]  # folded into the convs
@@ -65,6 +73,78 @@ def test_qat_distillation_needs_no_labels_and_convert_keeps_the_trained_model(
     assert training and training == sorted(training) and 0 < training[0] < training[-1] <= 0.45
     assert any("epoch 1/1" in line for line in logs)
     assert [f for _, f in stages] == sorted(f for _, f in stages)  # progress never goes backwards
+
+
+def _w4(digits: dict, tmp_path: Path, **config: object):  # noqa: ANN202 - QuantizeResult
+    """Lossy QAT: 4-bit per-tensor weights, one short epoch, AOTInductor off (as every test here)."""
+    return quantize(digits["model"], "torch_export", "qat", {"epochs": 1, "batch_size": 64, "weight_bits": 4,
+                                                               "granularity": "per_tensor", **config},
+                    tmp_path, training_path=digits["training"], evaluation_path=digits["evaluation"], model_name="cnn")
+
+
+@pytest.fixture(scope="module")
+def w4_plain(digits: dict, workdir: Path) -> object:
+    with pytest.MonkeyPatch.context() as patch:  # module scope: the monkeypatch fixture is per test
+        patch.setenv(AOTI_ENV, "0")
+        return _w4(digits, workdir / "w4")
+
+
+def test_w4_qat_ranks_every_layer_from_the_trained_conversion(w4_plain: object) -> None:
+    sensitivity, fidelity = w4_plain.metrics["sensitivity"], w4_plain.metrics["fidelity"]
+    assert fidelity["cosine"] < 0.9995  # 4-bit per-tensor weights leave a gap a target can ask to close
+    drops = [layer["drop"] for layer in sensitivity["layers"]]
+    assert len(drops) == 3 and drops == sorted(drops, reverse=True) and not sensitivity["not_measured"]
+    # the figures the probes start from are those of the trained model converted, which is what was delivered
+    assert abs(sensitivity["quantized"]["cosine"] - fidelity["cosine"]) < 1e-4
+    assert "not retrained" in sensitivity["candidates"] and sensitivity["ranges_without_trained_state"] == 0
+    assert {layer["weight_dtype"] for layer in w4_plain.metrics["layers"]} == {"int4"}
+
+
+def test_w4_qat_target_keeps_layers_float_and_delivers_a_model_that_meets_it(
+        digits: dict, w4_plain: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(AOTI_ENV, "0")
+    max_drop = (1.0 - w4_plain.metrics["fidelity"]["cosine"]) / 2  # halfway between the plain QAT model and float
+    result = _w4(digits, tmp_path, target={"metric": "cosine", "max_drop": max_drop})
+    target = result.metrics["target"]
+    assert result.error is None and target["met"], (target, result.error)
+    assert 1.0 - target["before"]["cosine"] > max_drop and target["kept_float"]
+    float_layers = {layer["name"] for layer in result.metrics["layers"] if layer["weight_dtype"] == "float32"}
+    assert float_layers == set(target["kept_float"]) == set(result.report["torch_export_qat"]["kept_float"])
+    assert result.metrics["fidelity"]["cosine"] >= 1.0 - max_drop - 1e-5  # the saved artifact, measured as any job
+    assert target["cost"]["bytes_after"] == result.artifacts[0].path.stat().st_size > target["cost"]["bytes_before"]
+    retrained = target.get("retrained")
+    if retrained is not None:  # fine-tuned again with the kept layers float: delivered only where it came closer
+        assert retrained["kept_float"] == target["kept_float"]
+        assert retrained["delivered"] == (retrained["cosine"] == target["after"]["cosine"])
+
+
+def test_w4_qat_target_out_of_reach_is_target_not_met_with_its_best_model_delivered(
+        digits: dict, w4_plain: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(AOTI_ENV, "0")
+    result = _w4(digits, tmp_path, target={"metric": "cosine", "max_drop": 0.0})  # no int4 layer reaches cosine 1
+    target = result.metrics["target"]
+    assert result.error is not None and result.error["code"] == "target_not_met" and not target["met"]
+    assert "delivered" in result.error["message"]
+    assert target["after"]["cosine"] >= target["before"]["cosine"]  # the best candidate, not a worse one
+    (artifact,) = result.artifacts
+    assert artifact.path.stat().st_size == result.metrics["size"]["quantized_bytes"]
+    with torch.no_grad():
+        out = torch.export.load(str(artifact.path)).module()(torch.from_numpy(models.digits_data()[2][:4]))
+    assert out.shape == (4, 10)
+
+
+@pytest.mark.filterwarnings("ignore:The input of maxpool2d is not quantized")
+def test_qat_prepares_with_a_conv_followed_by_batchnorm_excluded(digits: dict) -> None:
+    """prepare_qat_pt2e's conv-BN fusion failed (IndexError) on the X86 quantizer's mark for a skipped conv."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    program = torch.export.load(str(digits["model"]))
+    qconfig = x86_recipe.quantization_config(QATConfig(), is_qat=True, reduce_range=False)
+    with qat_candidates.traced_patterns_kept():
+        prepared = prepare_qat_pt2e(program.module(), qat_candidates.quantizer(qconfig, {"conv1"}))
+    weights = {module_path(node)[0] for node in prepared.graph.nodes
+               if is_call(node, *WEIGHT_OPS) and node.args[1].op == "call_module"}
+    assert weights == {"conv2", "head"}  # conv1's weight reaches its conv without a fake-quant module
 
 
 def test_cross_entropy_without_labels_is_a_clear_error(digits: dict, tmp_path: Path) -> None:

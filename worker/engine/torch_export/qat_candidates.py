@@ -29,6 +29,7 @@ from torch import fx
 from worker.engine.torch_export.graph import WEIGHT_OPS, is_call, module_path
 
 OBSERVE_BATCHES = 4  # a fake-quant module without a trained counterpart observes this many training batches
+_TRACED: dict[tuple, fx.GraphModule] = {}  # traced_patterns_kept(): torchao's rewrite patterns, traced once
 
 
 def quantizer(qconfig: Any, excluded: set[str]):  # noqa: ANN201 - a torchao X86InductorQuantizer
@@ -86,13 +87,14 @@ def traced_patterns_kept() -> Iterator[None]:
     prepare_qat_pt2e (conv-BN fusion), convert_pt2e (BN folding: 114 patterns) and move_exported_model_to_eval
     each re-trace their patterns with torch.export on every call: convert alone took 15-65 s on the 8x8 digits
     CNN on this 2-core host, and a sensitivity ranking converts once per layer. The patterns do not depend on
-    the model, so a traced one is kept (and copied out, since the rewriter may touch it) for the job.
+    the model or the job, so a traced one is kept for the process (and copied out, since the rewriter may touch
+    it); the functions are only swapped while a QAT job runs.
     """
     from torchao.quantization.pt2e import qat_utils
     from torchao.quantization.pt2e import utils as pt2e_utils
 
     original = pt2e_utils._get_aten_graph_module_for_pattern
-    traced: dict[tuple, fx.GraphModule] = {}
+    traced = _TRACED
 
     def kept(pattern: Any, example_inputs: tuple, is_cuda: bool = False, **kwargs: Any) -> fx.GraphModule:
         key = _pattern_key(pattern, example_inputs, is_cuda, kwargs)
