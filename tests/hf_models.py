@@ -99,13 +99,23 @@ def tiny_llama_zip(tmp: Path, **kwargs: object) -> Path:
     return zip_folder(tiny_llama_folder(tmp / "tiny-llama", **kwargs), tmp / "tiny-llama.zip")
 
 
-def minilm_zip(tmp: Path) -> Path:
-    """The real checkpoint's files an HF upload carries (the sentence-transformers extras left out)."""
+def minilm_zip(tmp: Path, layers: int | None = None) -> Path:
+    """The real checkpoint's files an HF upload carries (the sentence-transformers extras left out). `layers`: only
+    the first few of its 6 encoder layers (real weights, a smaller and faster model), saved again by transformers."""
     keep = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
             "special_tokens_map.json"}
-    archive = tmp / "minilm.zip"
+    folder = models.minilm_folder()
+    if layers is not None:
+        from transformers import AutoModel
+
+        truncated = tmp / f"minilm-{layers}"
+        AutoModel.from_pretrained(str(folder), num_hidden_layers=layers).save_pretrained(str(truncated))
+        for name in keep - {"config.json", "model.safetensors"}:
+            (truncated / name).write_bytes((folder / name).read_bytes())
+        folder = truncated
+    archive = tmp / ("minilm.zip" if layers is None else f"minilm-{layers}.zip")
     with zipfile.ZipFile(archive, "w") as zf:
-        for item in sorted(models.minilm_folder().iterdir()):
+        for item in sorted(folder.iterdir()):
             if item.name in keep:
                 zf.write(item, item.name)
     return archive

@@ -141,16 +141,29 @@ def _torch_weight_only_limits(config: WeightOnlyConfig, device: Device) -> list[
 
 
 def _hf_weight_only_limits(config: WeightOnlyConfig, device: Device) -> list[tuple[str, str]]:  # noqa: ARG001
-    """llm-compressor here: round to nearest and GPTQ (AWQ needs per-architecture mappings; HQQ is not in it)."""
+    """llm-compressor here: round to nearest and GPTQ (AWQ needs per-architecture mappings; HQQ is not in it).
+    bits auto (hf/mixed.py) budgets size only: transformers runs the checkpoint unpacked to float, so its latency
+    does not depend on the bits."""
+    problems = []
     if config.algorithm in ("awq", "hqq"):
-        return [("algorithm", f"{config.algorithm!r} is not available for hf models; use rtn or gptq")]
-    return []
+        problems.append(("algorithm", f"{config.algorithm!r} is not available for hf models; use rtn or gptq"))
+    if config.bits == "auto" and config.max_latency_ms is not None:
+        problems.append(("max_latency_ms", "hf bits 'auto' budgets size only: transformers runs compressed-tensors "
+                                           "checkpoints with their weights unpacked to float, so latency does not "
+                                           "depend on the bits; use max_size_ratio"))
+    if config.bits == "auto" and config.target is not None:
+        problems.append(("target", "bits 'auto' chooses each layer's bits by its budget; give a target or bits "
+                                   "'auto', not both"))
+    return problems
 
 
 # ONNX classifiers and encoders: no perplexity (that is measured for hf causal LMs on text only)
 _ONNX_TARGET: dict[str, Any] = {"supports_target": True, "target_metrics": ("accuracy", "top1_agreement", "cosine")}
 # torch.export classifiers and encoders: the same measured figures, in eager torch (torch_export/sensitivity.py)
 _PT2_TARGET: dict[str, Any] = {"supports_target": True, "target_metrics": ("accuracy", "top1_agreement", "cosine")}
+# hf: the same, plus perplexity for causal LMs on text (hf/sensitivity.py measures it on every candidate)
+_HF_TARGET: dict[str, Any] = {"supports_target": True,
+                              "target_metrics": ("accuracy", "top1_agreement", "cosine", "perplexity")}
 # TorchScript classifiers and encoders: the same figures, on the module torch.ao's JIT passes build
 # (torchscript/sensitivity.py)
 _TS_TARGET: dict[str, Any] = {"supports_target": True, "target_metrics": ("accuracy", "top1_agreement", "cosine")}
@@ -190,7 +203,7 @@ SPECS: Final[Mapping[tuple[ModelFormat, Method], MethodSpec]] = {
                    supports_auto_bits=True),
         MethodSpec(ModelFormat.hf, Method.weight_only, WeightOnlyConfig,
                    "worker.engine.hf.weight_only:run", _CPU_CUDA, Status.experimental, dtypes=("int8", "int4"),
-                   option_limits=_hf_weight_only_limits),
+                   option_limits=_hf_weight_only_limits, supports_auto_bits=True, **_HF_TARGET),
         MethodSpec(ModelFormat.torch_export, Method.auto, AutoConfig, "worker.engine.torch_export.auto:run", _CPU,
                    Status.experimental, dtypes=("int8", "int4"), **_PT2_TARGET,
                    sweep_candidates=("dynamic", "static_minmax", "static_histogram", "weight_only_int8",

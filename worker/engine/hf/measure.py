@@ -148,14 +148,25 @@ def perplexity(model: torch.nn.Module, feeds: list[dict[str, np.ndarray]]) -> tu
             if ids.shape[1] < 2:
                 continue
             mask = torch.from_numpy(feed["attention_mask"]).to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-            nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
-            keep = mask[0, 1:].bool()
-            total += float(nll[keep].sum())
-            count += int(keep.sum())
-    if count == 0:
+            nll, tokens = token_nll(model(input_ids=ids, attention_mask=mask).logits, ids, mask)
+            total += nll
+            count += tokens
+    return perplexity_of(total, count), count
+
+
+def token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
+    """One sample's ([1, sequence, vocab] logits) summed next-token negative log-likelihood and how many tokens."""
+    import torch
+
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="none")
+    keep = mask[0, 1:].bool()
+    return float(nll[keep].sum()), int(keep.sum())
+
+
+def perplexity_of(total_nll: float, tokens: int) -> float:
+    if tokens == 0:
         raise ValueError("no sample has two tokens or more")
-    return math.exp(total / count), count
+    return math.exp(total_nll / tokens)
 
 
 def perplexity_metric(float_model: torch.nn.Module, quant_model: torch.nn.Module,

@@ -10,22 +10,30 @@ latency measured here is float-like; the report says so.
 
 On cuda, the float model, llm-compressor's pass (GPTQ's Hessians and solves: where the GPU pays) and both
 measured models live on the GPU. The quantized model is measured as a user gets it there (CUDA_NOTE).
+
+Every report ranks the layers (hf/sensitivity.py, metrics.sensitivity); config.target keeps the most sensitive at
+int8 (int4 jobs) or float (int8 jobs) until it holds, and bits auto picks int4/int8 per layer under
+max_size_ratio (hf/mixed.py). Either way one more llm-compressor pass writes the chosen mix (compress.py: a config
+group per bits), and that checkpoint is what is measured and delivered.
 """
 
 from __future__ import annotations
 
 import copy
-import os
-import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from worker.engine import accelerator, evaluate, report
+from worker.engine import accelerator, bits_auto, evaluate, report
+from worker.engine import sensitivity_analysis as analysis
 from worker.engine.errors import EngineError
 from worker.engine.hf import common as hf_common
+from worker.engine.hf import compress, mixed
 from worker.engine.hf import measure as hf_measure
+from worker.engine.hf import sensitivity as hf_sensitivity
+from worker.engine.hf.compress import Plan, plan_layers
+from worker.engine.registry import resolve
 from worker.engine.types import ArtifactFile, QuantizeResult
 
 if TYPE_CHECKING:
@@ -34,8 +42,6 @@ if TYPE_CHECKING:
     from worker.engine.config import WeightOnlyConfig
     from worker.engine.context import JobContext
 
-GPTQ_SAMPLES = 256
-MODIFIERS = {"rtn": "QuantizationModifier", "gptq": "GPTQModifier"}
 CPU_NOTE = ("on a CPU, transformers runs this checkpoint with its integer weights unpacked to float at load "
             "(CompressedTensorsConfig(dequantize=True), see the report's loader), so it runs at float speed "
             "here; the int4/int8 kernels that make it faster run in vLLM on NVIDIA GPUs (not measured on this "
@@ -54,82 +60,6 @@ CUDA_NOTE = ("on the GPU, transformers runs this checkpoint with its integer wei
              "memory and faster (not measured on this worker)")
 
 
-class Plan:
-    """Which Linear layers get which weight scheme, and which stay float and why."""
-
-    def __init__(self) -> None:
-        self.grouped: list[str] = []
-        self.per_channel: list[str] = []  # too narrow for, or not divisible by, the group size
-        self.kept: dict[str, str] = {}
-
-    def quantized(self) -> list[str]:
-        return self.grouped + self.per_channel
-
-
-def plan_layers(model: torch.nn.Module, config: WeightOnlyConfig) -> Plan:
-    import torch
-
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    group = -1 if config.granularity == "per_channel" else config.group_size
-    plan = Plan()
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        if module is head:
-            plan.kept[name] = "output head, kept float as llm-compressor recommends"
-        elif config.excludes(name):
-            plan.kept[name] = "exclude"
-        elif group == -1:
-            plan.per_channel.append(name)
-        elif module.in_features % group:
-            plan.per_channel.append(name)
-        else:
-            plan.grouped.append(name)
-    if group == -1:
-        plan.grouped, plan.per_channel = plan.per_channel, []
-    return plan
-
-
-def _scheme(names: list[str], config: WeightOnlyConfig, group: int):  # noqa: ANN202 - QuantizationScheme
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-
-    strategy = {"strategy": "channel"} if group == -1 else {"strategy": "group", "group_size": group}
-    weights = QuantizationArgs(num_bits=4 if config.dtype == "int4" else 8, type="int",
-                               symmetric=config.symmetric, **strategy)
-    return QuantizationScheme(targets=[f"re:^{re.escape(n)}$" for n in names], weights=weights)
-
-
-def _quantize(ctx: JobContext, model: torch.nn.Module, plan: Plan, tokenizer: Any) -> None:
-    """llm-compressor's one-shot pass, in place: RTN needs no data, GPTQ runs on the calibration texts."""
-    # Its INFO lines go to stdout and would flood the job log (and the CLI's output); ours say what matters.
-    # oneshot() reconfigures its logger from these variables on every call. Disabling it outright breaks
-    # GPTQ, which then logs at a level ("METRIC") that was never registered.
-    os.environ["LLM_COMPRESSOR_LOG_DISABLED"] = "false"
-    os.environ["LLM_COMPRESSOR_LOG_LEVEL"] = "ERROR"
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
-
-    config: WeightOnlyConfig = ctx.config
-    group = -1 if config.granularity == "per_channel" else config.group_size
-    groups = {"group_0": _scheme(plan.grouped, config, group)}
-    if plan.per_channel:
-        groups["group_1"] = _scheme(plan.per_channel, config, -1)
-    if config.algorithm == "rtn":
-        oneshot(model=model, recipe=QuantizationModifier(config_groups=groups))
-        return
-    from datasets import Dataset
-
-    if tokenizer is None:
-        raise EngineError("gptq needs the model's tokenizer files in the upload", code="dataset_mismatch")
-    feeds = hf_measure.calibration_feeds(ctx, tokenizer, limit=GPTQ_SAMPLES)
-    rows = {"input_ids": [f["input_ids"][0].tolist() for f in feeds],
-            "attention_mask": [f["attention_mask"][0].tolist() for f in feeds]}
-    ctx.log("info", f"gptq: calibrating on {len(feeds)} samples")
-    oneshot(model=model, dataset=Dataset.from_dict(rows), processor=tokenizer,
-            recipe=GPTQModifier(config_groups=groups), num_calibration_samples=len(feeds),
-            max_seq_length=max(len(r) for r in rows["input_ids"]))
-
-
 def _package(folder: Path, out_dir: Path, archive: Path) -> None:
     """Copy the upload's side files (tokenizer, generation config) and zip the folder, weights stored as is."""
     for item in folder.iterdir():
@@ -142,7 +72,7 @@ def _package(folder: Path, out_dir: Path, archive: Path) -> None:
             zf.write(item, item.name, compress_type=zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
 
 
-def _layers(float_model: torch.nn.Module, plan: Plan, dtype: str, sqnr: dict[str, float]) -> list[dict]:
+def _layers(float_model: torch.nn.Module, plan: Plan, config: WeightOnlyConfig, sqnr: dict[str, float]) -> list[dict]:
     import torch
 
     quantized = set(plan.quantized())
@@ -150,8 +80,9 @@ def _layers(float_model: torch.nn.Module, plan: Plan, dtype: str, sqnr: dict[str
     for name, module in float_model.named_modules():
         if isinstance(module, torch.nn.Linear):
             stored = str(module.weight.dtype).removeprefix("torch.")  # bfloat16 checkpoints stay bfloat16
-            rows.append({"name": name, "op": "Linear", "weight_dtype": dtype if name in quantized else stored,
-                         "activation_dtype": stored, "sqnr_db": sqnr.get(name)})
+            dtype = f"int{plan.bits(name, config)}" if name in quantized else stored
+            rows.append({"name": name, "op": "Linear", "weight_dtype": dtype, "activation_dtype": stored,
+                         "sqnr_db": sqnr.get(name)})
     return rows
 
 
@@ -163,6 +94,13 @@ def _notes(plan: Plan, config: WeightOnlyConfig, other_weights: list[str], devic
     excluded = sorted(n for n, why in plan.kept.items() if why == "exclude")
     if excluded:
         notes.append(f"kept float as asked (exclude): {', '.join(excluded[:10])}")
+    for_target = [n for n, why in plan.kept.items() if why == "target"]
+    if for_target:
+        notes.append(f"kept float for the target (metrics.target): {', '.join(for_target[:10])}")
+    if plan.at_int8:
+        why = "bits auto" if config.bits == "auto" else "for the target"
+        notes.append(f"{len(plan.at_int8)} layer(s) at int8, the rest int4 ({why}): "
+                     f"{', '.join(sorted(plan.at_int8)[:10])}")
     if other_weights:
         notes.append(f"{len(other_weights)} weight layer(s) that are not Linear stayed float (embeddings, norms, "
                      f"convolutions): {', '.join(other_weights[:5])}")
@@ -178,12 +116,16 @@ def _other_weights(model: torch.nn.Module) -> list[str]:
 
 
 def run(ctx: JobContext) -> QuantizeResult:
-    """Quantize the Linear weights of an `hf` model to int4/int8 and deliver a compressed-tensors folder."""
+    """Quantize the Linear weights of an `hf` model to int4/int8 (some layers at int8 or float for a target or bits
+    auto) and deliver a compressed-tensors folder; metrics.sensitivity ranks its layers."""
     import compressed_tensors
     import torch
     import transformers
 
     config: WeightOnlyConfig = ctx.config
+    problems = resolve(ctx.format, ctx.method).config_problems(config, ctx.device)  # the CLI meets them here
+    if problems:
+        raise EngineError("; ".join(f"config.{field}: {why}" for field, why in problems), code="unsupported")
     device = accelerator.torch_device(ctx.device)
     ctx.progress("loading", 0.02)
     folder = hf_common.unpack(ctx.model_path, ctx.work_dir)
@@ -195,16 +137,21 @@ def run(ctx: JobContext) -> QuantizeResult:
     if not plan.quantized():
         raise EngineError("weight-only quantization found no Linear layer to quantize in this model "
                           "(all excluded, or the architecture uses other layer types)", code="nothing_to_quantize")
+    built = 0
+
+    def build(chosen: Plan, *, algorithm: str | None = None, read_back: bool = False,
+              keep: bool = True) -> tuple[Path | None, dict[str, torch.Tensor]]:
+        """One llm-compressor pass on a copy of the float model (it rewrites the model in place), saved unless
+        keep=False; read_back: its rounded weights too."""
+        nonlocal built
+        model = copy.deepcopy(float_model)
+        compress.run_pass(ctx, model, chosen, tokenizer, algorithm=algorithm)
+        weights = compress.rounded_weights(model, chosen.quantized()) if read_back else {}
+        built += 1
+        return (compress.save(model, ctx.work_dir / f"quantized-{built}") if keep else None), weights
 
     ctx.progress("quantizing", 0.10)
-    model = copy.deepcopy(float_model)  # llm-compressor rewrites it in place; the float one stays the reference
-    try:
-        _quantize(ctx, model, plan, tokenizer)
-    except EngineError:
-        raise
-    except Exception as exc:  # llm-compressor raises many types on models it cannot trace or quantize
-        raise EngineError(f"llm-compressor could not quantize this model: {type(exc).__name__}: {str(exc)[:500]}",
-                          code="unsupported") from exc
+    plain_dir, job_weights = build(plan, read_back=True)
     # llm-compressor 0.14 runs its pass on the first accelerator it sees (utils/dev.get_main_device), whatever
     # device the model is on: on a GPU host a cpu job's pass runs on the GPU too. Say where it ran.
     from llmcompressor.utils.dev import get_main_device
@@ -212,47 +159,90 @@ def run(ctx: JobContext) -> QuantizeResult:
     quantized_on = str(get_main_device())
     ctx.log("info", f"quantized {len(plan.quantized())} Linear layer(s) to {config.dtype} ({config.algorithm}) "
                     f"on {quantized_on}")
+    original_bytes, plain_bytes = hf_common.weights_bytes(folder), hf_common.weights_bytes(plain_dir)
+    if config.bits == "auto":  # before any probe or trace: a budget under this model's all-int4 floor cannot be met
+        bits_auto.check_floor(config.max_size_ratio, original_bytes=original_bytes, bytes4=plain_bytes,
+                              artifact="checkpoint", floor_note=mixed.FLOOR_NOTE)
+    # a layer the target keeps: int8 where the job is int4 (as torch_export does), float where it is int8
+    keep_as = "int8" if config.dtype == "int4" else "float"
+    all8_dir, eight = (build(plan.keeping(set(plan.quantized()), "int8", ""), algorithm="rtn", read_back=True,
+                             keep=config.bits == "auto") if keep_as == "int8" else (None, None))
+    sensed = hf_sensitivity.analyse(ctx, float_model=float_model, job_weights=job_weights, kept_weights=eight,
+                                    samples=samples, keep_as=keep_as, plain_bytes=plain_bytes,
+                                    gptq=config.algorithm == "gptq")
+    delivered, out_dir, bits_report = plan, plain_dir, None
+    if sensed.kept:  # the layers the search kept, written by llm-compressor: the checkpoint it measured, delivered
+        delivered = plan.keeping(set(sensed.kept), keep_as, "target")
+        out_dir = build(delivered)[0]
+    if config.bits == "auto":  # registry: max_size_ratio only, no target beside it
+        ctx.progress("quantizing", 0.55)
+        feeds, source = mixed.trace_feeds(ctx, tokenizer, samples)
+        traces = mixed.traces(float_model, plan.quantized(), feeds)
+        ctx.log("info", f"bits auto: Hessian traces of {len(traces)} layers from {mixed.PROBES} Rademacher probes on "
+                        f"{len(feeds)} {source} samples")
+        layer_rows = mixed.rows(float_model, job_weights, eight, traces, compress.layer_bytes(plain_dir),
+                                compress.layer_bytes(all8_dir), source)
+        at_int8, bits_report, mixed_dir = mixed.choose(
+            ctx, layer_rows, original_bytes=original_bytes, bytes4=plain_bytes,
+            build=lambda at8: build(plan.keeping(at8, "int8", "bits auto"))[0])
+        bits_report["samples"] = len(feeds)
+        if mixed_dir is not None:
+            delivered, out_dir = plan.keeping(at_int8, "int8", "bits auto"), mixed_dir
+    del job_weights, eight
+    for done in {plain_dir, all8_dir} - {out_dir, None}:  # checkpoints the job no longer needs: a model's size each
+        shutil.rmtree(done, ignore_errors=True)
 
     ctx.progress("packaging", 0.60)
-    out_dir = ctx.work_dir / "quantized"
-    model.save_pretrained(str(out_dir), save_compressed=True)
-    del model
-    archive = ctx.work_dir / f"{ctx.model_name}.{config.dtype}.zip"
+    archive = ctx.work_dir / f"{ctx.model_name}.{'auto' if config.bits == 'auto' else config.dtype}.zip"
     _package(folder, out_dir, archive)
     if device == "cuda":
         torch.cuda.empty_cache()
     # measure what was saved, as a user loads it, on the job's device
     quant_model = hf_common.load_model(out_dir, device=device, quantized=True)
 
-    sqnr = hf_measure.layer_sqnr(float_model, quant_model, set(plan.quantized()), samples.batches)
-    layers = _layers(float_model, plan, config.dtype, sqnr)
+    sqnr = hf_measure.layer_sqnr(float_model, quant_model, set(delivered.quantized()), samples.batches)
     metrics = evaluate.measure(
         ctx, hf_common.runner_for_model(float_model), hf_common.runner_for_model(quant_model), samples,
-        original_bytes=hf_common.weights_bytes(folder), quantized_bytes=hf_common.weights_bytes(out_dir),
+        original_bytes=original_bytes, quantized_bytes=hf_common.weights_bytes(out_dir),
         runtime=f"transformers {transformers.__version__}, compressed-tensors {compressed_tensors.__version__} "
                 f"(eager on {device}, dequantize=True, plain forward)",
-        layers=layers, latency_runs=50, extra_warnings=_notes(plan, config, _other_weights(float_model), device))
+        layers=_layers(float_model, delivered, config, sqnr), latency_runs=50,
+        extra_warnings=_notes(delivered, config, _other_weights(float_model), device))
     if hf_common.is_causal_lm(float_model):
         metrics["perplexity"], reason = hf_measure.perplexity_metric(float_model, quant_model, samples)
         if reason:
             metrics["warnings"].append(reason)
     group = "per_channel" if config.granularity == "per_channel" else config.group_size
-    return QuantizeResult(
+    result = QuantizeResult(
         artifacts=[ArtifactFile(kind="model", path=archive, filename=archive.name, format="hf")],
         metrics=metrics,
         report={"versions": {**report.runtime_versions(), "transformers": transformers.__version__,
                              "compressed-tensors": compressed_tensors.__version__, "torch": torch.__version__},
                 "host": report.host_info(),
                 "hf_weight_only": {
-                    "quantizer": f"llm-compressor {MODIFIERS[config.algorithm]} ({config.algorithm})",
+                    "quantizer": f"llm-compressor {compress.MODIFIERS[config.algorithm]} ({config.algorithm})",
                     "format": "compressed-tensors pack-quantized", "dtype": config.dtype, "group_size": group,
                     "symmetric": config.symmetric, "architecture": type(float_model).__name__,
                     "device": accelerator.describe(device), "quantized_on": quantized_on,
                     "measured_as": "CompressedTensorsConfig(dequantize=True), re-quantizing forward removed",
                     "size_counts": "*.safetensors weights only (tokenizer and config files excluded)",
-                    "kept_float": dict(sorted(plan.kept.items()))},
+                    "kept_float": dict(sorted(delivered.kept.items())), f"kept_{keep_as}_for_target": sensed.kept,
+                    **({"bits_auto": bits_report} if bits_report is not None else {})},
                 "loader": _loader_snippet(float_model, archive.name)},
     )
+    return _attach(result, sensed)
+
+
+def _attach(result: QuantizeResult, sensed: analysis.Outcome) -> QuantizeResult:
+    """sensitivity_analysis.attach, with the cost note in this format's terms."""
+    analysis.attach(result, sensed)
+    cost = (result.metrics.get("target") or {}).get("cost")
+    if cost is not None and cost.get("bytes_before") is not None:
+        kept = result.metrics["target"].get("kept_float", result.metrics["target"].get("kept_int8", []))
+        cost["note"] = (f"keeping {len(kept)} layer(s) at higher precision changed the *.safetensors weights by "
+                        f"{cost['bytes_after'] - cost['bytes_before']:+d} bytes; the speed under transformers does "
+                        "not change (every layer runs as float weights once unpacked)")
+    return result
 
 
 def _loader_snippet(model: torch.nn.Module, filename: str) -> str:
