@@ -38,8 +38,9 @@ def quantizer(qconfig: Any, excluded: set[str]):  # noqa: ANN201 - a torchao X86
     X86InductorQuantizer marks a layer whose qconfig is None with an annotation that quantizes nothing;
     prepare_qat_pt2e's conv-BN fusion then reads that annotation's input/weight specs by position and fails
     with IndexError (torchao 0.18, qat_utils._update_conv_input_qspec_map_after_replacement), so `exclude` of
-    any conv followed by BatchNorm failed QAT preparation. Without the annotation the fusion leaves the conv
-    unquantized, which is what the mark meant; annotation is over by then, so nothing else reads it.
+    any conv followed by BatchNorm failed QAT preparation. Without the annotation the conv is fused with its
+    BatchNorm and left unquantized, which is what the mark meant; annotation is over by then, so nothing else
+    reads it.
     """
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
 
@@ -71,11 +72,11 @@ def _pattern_key(pattern: Any, example_inputs: tuple, is_cuda: bool, kwargs: dic
     code = getattr(fn, "__code__", None)
     if code is None:
         return None
-    key = (code, tuple(c.cell_contents for c in fn.__closure__ or ()), tuple(shape(v) for v in example_inputs),
-           is_cuda, tuple(sorted((k, shape(v)) for k, v in kwargs.items())))
-    try:
+    try:  # an empty closure cell raises ValueError, an unhashable captured value TypeError: trace those each time
+        key = (code, tuple(c.cell_contents for c in fn.__closure__ or ()), tuple(shape(v) for v in example_inputs),
+               is_cuda, tuple(sorted((k, shape(v)) for k, v in kwargs.items())))
         hash(key)
-    except TypeError:
+    except (TypeError, ValueError):
         return None
     return key
 
