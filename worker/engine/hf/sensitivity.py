@@ -11,6 +11,7 @@ so every architecture gives each sample what it gives it alone); a causal LM's p
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from worker.engine.context import JobContext
 
 STACK = 16  # samples of one length per forward
+ESCALATION = "int4 -> int8 (largest measured drop first) -> float (largest measured drop first, the rest at int8)"
 LATENCY = ("not measured: transformers runs int4, int8 and float layers alike, as float weights (the checkpoint is "
            "unpacked at load), so keeping layers changes the size here, not the speed; see metrics.latency")
 
@@ -137,3 +139,39 @@ def analyse(ctx: JobContext, *, float_model: torch.nn.Module, job_weights: dict[
             perplexity=runs.perplexity if with_perplexity else None)
     finally:
         del candidates.model  # the working copy: one model's worth of memory
+
+
+def escalate(ctx: JobContext, first: analysis.Outcome, *, float_model: torch.nn.Module,
+             eight: dict[str, torch.Tensor], samples: evaluate.Samples, plain_bytes: int,
+             gptq: bool) -> analysis.Outcome:
+    """An int4 job whose target every measured layer at int8 did not reach: the search again from all-int8, keeping
+    the most sensitive layers float (the rest at int8), within what is left of budget_s. Returns `first` when
+    there is nothing to escalate (met, no target, or the budget already ran out)."""
+    target = first.target
+    if target is None or first.error is None or first.report.get("stopped_by") == "budget":
+        return first
+    budget = ctx.config.target.budget_s
+    left = budget - target["search_s"]
+    if left <= 0:
+        return first
+    ctx.log("info", "every layer at int8 did not reach the target: keeping the most sensitive layers float")
+    step = dataclasses.replace(ctx, config=ctx.config.model_copy(update={
+        "target": ctx.config.target.model_copy(update={"budget_s": left})}))
+    second = analyse(step, float_model=float_model, job_weights=eight, kept_weights=None, samples=samples,
+                     keep_as="float", plain_bytes=plain_bytes, gptq=gptq)
+    found = second.target or {}
+    kept_float = list(second.kept)
+    composed = {**found, "budget_s": budget, "before": target["before"], "step": "float", "escalation": ESCALATION,
+                "kept_int8": [n for n in eight if n not in kept_float], "kept_float": kept_float,
+                "tried_int8": first.report.get("tried", []),
+                "search_s": round(target["search_s"] + found.get("search_s", 0.0), 3)}
+    composed.setdefault("cost", {"latency": LATENCY, "bytes_before": plain_bytes})  # all-int8 is never the plain
+    error = None
+    if not composed.get("met"):
+        why = "the time budget ran out" if second.report.get("stopped_by") == "budget" else \
+            "keeping every measured layer float, the rest at int8, did not reach it"
+        error = {"code": "target_not_met", "message": f"the accuracy target was not met within {budget:g} s ({why}): "
+                 f"best candidate {composed['metric']} drop {composed['drop']:.4f} (at most {composed['max_drop']} "
+                 f"asked), with {len(composed['kept_int8'])} layer(s) at int8 and {len(kept_float)} float; it is "
+                 "delivered as the job's artifact"}
+    return analysis.Outcome(report=first.report, target=composed, kept=kept_float, error=error)

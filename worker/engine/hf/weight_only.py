@@ -97,10 +97,10 @@ def _notes(plan: Plan, config: WeightOnlyConfig, other_weights: list[str], devic
     for_target = [n for n, why in plan.kept.items() if why == "target"]
     if for_target:
         notes.append(f"kept float for the target (metrics.target): {', '.join(for_target[:10])}")
-    if plan.at_int8:
+    at_int8 = [n for n in plan.quantized() if n in plan.at_int8]
+    if at_int8 and config.dtype == "int4":
         why = "bits auto" if config.bits == "auto" else "for the target"
-        notes.append(f"{len(plan.at_int8)} layer(s) at int8, the rest int4 ({why}): "
-                     f"{', '.join(sorted(plan.at_int8)[:10])}")
+        notes.append(f"{len(at_int8)} layer(s) at int8, the rest int4 ({why}): {', '.join(at_int8[:10])}")
     if other_weights:
         notes.append(f"{len(other_weights)} weight layer(s) that are not Linear stayed float (embeddings, norms, "
                      f"convolutions): {', '.join(other_weights[:5])}")
@@ -171,7 +171,13 @@ def run(ctx: JobContext) -> QuantizeResult:
                                     samples=samples, keep_as=keep_as, plain_bytes=plain_bytes,
                                     gptq=config.algorithm == "gptq")
     delivered, out_dir, bits_report = plan, plain_dir, None
-    if sensed.kept:  # the layers the search kept, written by llm-compressor: the checkpoint it measured, delivered
+    if keep_as == "int8" and eight is not None:  # int8 everywhere short of the target: float next
+        sensed = hf_sensitivity.escalate(ctx, sensed, float_model=float_model, eight=eight, samples=samples,
+                                         plain_bytes=plain_bytes, gptq=config.algorithm == "gptq")
+    if sensed.target is not None and sensed.target.get("step") == "float":
+        delivered = plan.keeping(set(plan.quantized()), "int8", "").keeping(set(sensed.kept), "float", "target")
+        out_dir = build(delivered)[0]
+    elif sensed.kept:  # the layers the search kept, written by llm-compressor: the checkpoint it measured, delivered
         delivered = plan.keeping(set(sensed.kept), keep_as, "target")
         out_dir = build(delivered)[0]
     if config.bits == "auto":  # registry: max_size_ratio only, no target beside it
@@ -226,11 +232,19 @@ def run(ctx: JobContext) -> QuantizeResult:
                     "device": accelerator.describe(device), "quantized_on": quantized_on,
                     "measured_as": "CompressedTensorsConfig(dequantize=True), re-quantizing forward removed",
                     "size_counts": "*.safetensors weights only (tokenizer and config files excluded)",
-                    "kept_float": dict(sorted(delivered.kept.items())), f"kept_{keep_as}_for_target": sensed.kept,
+                    "kept_float": dict(sorted(delivered.kept.items())), **_kept_for_target(sensed, keep_as),
                     **({"bits_auto": bits_report} if bits_report is not None else {})},
                 "loader": _loader_snippet(float_model, archive.name)},
     )
     return _attach(result, sensed)
+
+
+def _kept_for_target(sensed: analysis.Outcome, keep_as: str) -> dict[str, list[str]]:
+    """The report's kept_<bits>_for_target: both lists once the target escalated from int8 to float."""
+    target = sensed.target or {}
+    if target.get("step") == "float" and "kept_int8" in target:
+        return {"kept_int8_for_target": target["kept_int8"], "kept_float_for_target": target["kept_float"]}
+    return {f"kept_{keep_as}_for_target": sensed.kept}
 
 
 def _attach(result: QuantizeResult, sensed: analysis.Outcome) -> QuantizeResult:
@@ -238,7 +252,8 @@ def _attach(result: QuantizeResult, sensed: analysis.Outcome) -> QuantizeResult:
     analysis.attach(result, sensed)
     cost = (result.metrics.get("target") or {}).get("cost")
     if cost is not None and cost.get("bytes_before") is not None:
-        kept = result.metrics["target"].get("kept_float", result.metrics["target"].get("kept_int8", []))
+        target = result.metrics["target"]
+        kept = [*target.get("kept_int8", []), *target.get("kept_float", [])]
         cost["note"] = (f"keeping {len(kept)} layer(s) at higher precision changed the *.safetensors weights by "
                         f"{cost['bytes_after'] - cost['bytes_before']:+d} bytes; the speed under transformers does "
                         "not change (every layer runs as float weights once unpacked)")
