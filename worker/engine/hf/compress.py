@@ -128,9 +128,10 @@ def run_pass(ctx: JobContext, model: torch.nn.Module, plan: Plan, tokenizer: Any
                           code="unsupported") from exc
 
 
-def rounded_weights(model: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+def rounded_weights(model: torch.nn.Module, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
     """Each named layer's weight as the pass rounded it, dequantized: compressed-tensors' own forward_quantize with
-    the scale and zero point the pass wrote (GPTQ's weights are already on the grid; this leaves them there)."""
+    the scale and zero point the pass wrote (GPTQ's weights are already on the grid; this leaves them there). On
+    `device`, the float model's: llm-compressor may run its pass on another (weight_only.py, quantized_on)."""
     from compressed_tensors.quantization.lifecycle.forward import forward_quantize
 
     modules = dict(model.named_modules())
@@ -138,7 +139,7 @@ def rounded_weights(model: torch.nn.Module, names: list[str]) -> dict[str, torch
     for name in names:
         module = modules[name]
         found[name] = forward_quantize(module, module.weight.data, "weight",
-                                       module.quantization_scheme.weights).detach().clone()
+                                       module.quantization_scheme.weights).detach().to(device, copy=True)
     return found
 
 

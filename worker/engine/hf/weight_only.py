@@ -146,7 +146,7 @@ def run(ctx: JobContext) -> QuantizeResult:
         nonlocal built
         model = copy.deepcopy(float_model)
         compress.run_pass(ctx, model, chosen, tokenizer, algorithm=algorithm)
-        weights = compress.rounded_weights(model, chosen.quantized()) if read_back else {}
+        weights = compress.rounded_weights(model, chosen.quantized(), float_model.device) if read_back else {}
         built += 1
         return (compress.save(model, ctx.work_dir / f"quantized-{built}") if keep else None), weights
 
