@@ -13,7 +13,7 @@ from tests import models
 from worker import engine
 from worker.engine import sensitivity
 from worker.engine.config import MethodConfig, StaticConfig, TargetConfig
-from worker.engine.registry import resolve
+from worker.engine.registry import SPECS, resolve
 
 
 @pytest.fixture(scope="module")
@@ -85,15 +85,17 @@ def test_dynamic_reports_sensitivity_of_its_matmuls(tmp_path: Path) -> None:
     assert report["suggested_reaches_goal"] and report["suggested_exclude"] == []  # int8 holds on this MLP
 
 
-def test_target_config_is_strict_and_refused_where_not_offered() -> None:
+def test_target_config_is_strict_every_method_takes_one_and_perplexity_only_where_measured() -> None:
     with pytest.raises(ValueError):
         StaticConfig.model_validate({"target": {"metric": "accuracy", "max_drop": 0.01, "tolerance": 1}})
     with pytest.raises(ValueError):
         StaticConfig.model_validate({"target": {"metric": "bleu"}})
     config = StaticConfig(target=TargetConfig(metric="perplexity"))
     assert [f for f, _ in resolve("onnx", "static").config_problems(config, "cpu")] == ["target.metric"]
-    assert [f for f, _ in resolve("torchscript", "static").config_problems(
-        resolve("torchscript", "static").config_model(target=TargetConfig()), "cpu")] == ["target"]
+    # issue 14: `target` in every method's config; perplexity only where it is measured (hf causal LMs)
+    assert all(spec.supports_target for spec in SPECS.values())
+    assert {f"{f}/{m}" for (f, m), spec in SPECS.items() if "perplexity" in spec.target_metrics} == \
+        {"hf/weight_only", "hf/auto"}
 
 
 @pytest.mark.parametrize("name", ["bn1", "blocks.0.attn/q_proj", "node_Conv_20", "a+b (x)[1]"])
