@@ -154,6 +154,7 @@ CASES = [
          {"dtype": "int4", "group_size": 128, "target": {"metric": "cosine", "max_drop": 0.02}}, text_jsonl=True),
     Case("all-MiniLM-L6-v2", "hf", "weight_only", _minilm, {"bits": "auto", "max_size_ratio": 0.6},
          datasets=("calibration", "evaluation"), text_jsonl=True),
+    Case("all-MiniLM-L6-v2", "hf", "auto", _minilm, text_jsonl=True),
 ]
 
 
