@@ -29,8 +29,10 @@ from typing import Any
 from tests.zoo import corpus
 from tests.zoo.corpus import MODELS, ZooModel
 
-# One config per engine method: the defaults, and int4 for weight-only (what issue 12 asks of it).
-CONFIGS: dict[str, dict[str, Any]] = {"dynamic": {}, "static": {}, "weight_only": {"dtype": "int4"}, "qat": {}}
+# One config per engine method: the defaults, int4 for weight-only (what issue 12 asks of it), and method auto's
+# whole default sweep (issue 14: every candidate the registry allows for the model and its data).
+CONFIGS: dict[str, dict[str, Any]] = {"dynamic": {}, "static": {}, "weight_only": {"dtype": "int4"}, "qat": {},
+                                      "auto": {}}
 ORT_VARIANTS = ("ort_dynamic", "ort_static", "ort_best")
 REPO = Path(__file__).resolve().parents[2]
 # Written by `import onnxruntime` itself into TMPDIR (51 bytes: a timestamp and a session uuid, reused by
