@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -194,20 +193,13 @@ def _shared_latency(subject: Subject, rows: list[dict[str, Any]], candidates: di
     runners = [subject.float_runner(), *candidates.values()]
     feed = subject.feed
     calls = [lambda r=r: r(feed) for r in runners]
-    torch = sys.modules.get("torch")  # a torch format's models: one thread, as metrics.latency; never imported here
-    previous = torch.get_num_threads() if torch is not None else None
-    try:
-        if torch is not None:
-            torch.set_num_threads(1)
+    with m.one_torch_thread():  # a torch format's models: one thread, as metrics.latency
         begin = time.perf_counter()
         for call in calls:
             call()
         per_round = max(time.perf_counter() - begin, 1e-6)
         runs = max(20, min(LATENCY_RUNS, int(LATENCY_BUDGET_S / per_round)))
         float_ms, *candidate_ms = m.interleaved_latencies(calls, warmup=min(10, runs), runs=runs)
-    finally:
-        if torch is not None:
-            torch.set_num_threads(previous)
     by_name = dict(zip(names, candidate_ms, strict=True))
     for row in rows:
         if row["name"] in by_name:

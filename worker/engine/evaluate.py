@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -176,15 +175,8 @@ def _latency(float_fn: Callable[[], Any], quant_fn: Callable[[], Any], runs: int
     quant_fn()
     per_round = max(time.perf_counter() - start, 1e-6)
     runs = max(20, min(runs, int(LATENCY_BUDGET_S / per_round)))
-    torch = sys.modules.get("torch")  # only when the caller already uses torch; never import it here
-    previous = torch.get_num_threads() if torch is not None else None
-    try:
-        if torch is not None:
-            torch.set_num_threads(1)
+    with m.one_torch_thread():
         float_ms, quant_ms = m.interleaved_latency(float_fn, quant_fn, warmup=min(10, runs), runs=runs)
-    finally:
-        if torch is not None:
-            torch.set_num_threads(previous)
     return float_ms, quant_ms, runs
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -122,6 +124,22 @@ def accuracy_top1(logits: Sequence[np.ndarray], labels: np.ndarray) -> float | N
     if predicted is None or predicted.size == 0 or predicted.size != labels.size:
         return None
     return float(np.mean(predicted == labels))
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Latency as metrics.latency takes it (batch 1, one thread): torch's intra-op threads pinned to one while
+    inside, where the caller already uses torch; torch is never imported here."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def interleaved_latency(float_fn: Callable[[], Any], quant_fn: Callable[[], Any], warmup: int,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -127,9 +127,22 @@ def analyse(ctx: JobContext, *, float_model: object, plain: object, build: Calla
 
 def latency_cost(plain_call: Callable[[], object], chosen_call: Callable[[], object], runs: int,
                  runtime: str) -> dict[str, Any]:
-    """metrics.target.cost's latency: the plain and the chosen candidate interleaved (the caller pins threads)."""
-    plain_ms, kept_ms = m.interleaved_latency(plain_call, chosen_call, warmup=5, runs=runs)
+    """metrics.target.cost's latency: the plain and the chosen candidate interleaved, batch 1, one thread."""
+    with m.one_torch_thread():
+        plain_ms, kept_ms = m.interleaved_latency(plain_call, chosen_call, warmup=5, runs=runs)
     return {"ms_p50_before": round(plain_ms, 4), "ms_p50_after": round(kept_ms, 4), "latency": runtime}
+
+
+def by_lowest_sqnr(ctx: JobContext, candidates: Sequence[str], measure: Callable[[], dict[str, float | None]]
+                   ) -> list[str]:
+    """Candidates by lowest layer SQNR first (measure() -> name: dB; unmatched last, in the given order), so a
+    budget that runs out leaves the least suspect unmeasured; the given order where SQNR cannot be read."""
+    try:
+        sqnr = measure()
+    except Exception as exc:  # only the order of the probes depends on it
+        ctx.log("warning", f"per-layer SQNR for the probe order not measured: {type(exc).__name__}: {exc}")
+        return list(candidates)
+    return sorted(candidates, key=lambda name: float("inf") if sqnr.get(name) is None else sqnr[name])
 
 
 def target_error(ctx: JobContext, goal: s.Goal, search: s.Search, before: s.Figures,

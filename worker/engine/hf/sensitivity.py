@@ -118,13 +118,9 @@ def analyse(ctx: JobContext, *, float_model: torch.nn.Module, job_weights: dict[
     names = list(job_weights)
 
     def order() -> list[str]:
-        """Lowest layer SQNR first (in the plain candidate), so a budget that runs out leaves the least suspect."""
-        try:
-            sqnr = hf_measure.layer_sqnr(float_model, candidates.apply(frozenset()), set(names), samples.batches)
-        except Exception as exc:  # only the order of the probes depends on it
-            ctx.log("warning", f"per-layer SQNR for the probe order not measured: {type(exc).__name__}: {exc}")
-            return names
-        return sorted(names, key=lambda n: sqnr.get(n, float("inf")))
+        """Lowest layer SQNR in the plain candidate first."""
+        return analysis.by_lowest_sqnr(ctx, names, lambda: hf_measure.layer_sqnr(
+            float_model, candidates.apply(frozenset()), set(names), samples.batches))
 
     runs_in = "in eager transformers, each candidate's rounded weights swapped into a copy of the float model (the " \
               "numbers the delivered checkpoint computes once unpacked)"

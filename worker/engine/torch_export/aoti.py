@@ -165,13 +165,9 @@ def compiled_float_comparison(float_program: torch.export.ExportedProgram, args:
     # through the same runners as measure(), so int8_aoti_ms_p50 here and metrics.latency agree
     float_run = pt2_common.runner_for_module(torch._inductor.aoti_load_package(str(path)), names, threads=None)
     quant_run = pt2_common.runner_for_module(aoti_model, names, threads=None)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with m.one_torch_thread():
         float_ms, quant_ms = m.interleaved_latency(lambda: float_run(feed), lambda: quant_run(feed),
                                                    warmup=10, runs=200)
-    finally:
-        torch.set_num_threads(previous)
     return {"baseline": "float AOTInductor package, batch 1, 1 thread, calls interleaved",
             "float_aoti_ms_p50": round(float_ms, 4), "int8_aoti_ms_p50": round(quant_ms, 4),
             "speedup": round(float_ms / quant_ms, 3) if quant_ms else None, "compile_s": round(seconds, 1),

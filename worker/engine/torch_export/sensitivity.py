@@ -80,15 +80,9 @@ def per_sample(run: pt2_common.Runner, batches: list[dict[str, np.ndarray]],
 
 def _order(ctx: JobContext, float_module: torch.fx.GraphModule, plain: torch.fx.GraphModule,
            candidates: Sequence[str], specs: list[TensorSpec], samples: evaluate.Samples) -> list[str]:
-    """Candidates by lowest layer SQNR first (unmatched last, in graph order), so a budget that runs out leaves
-    the least suspect unmeasured; graph order where SQNR cannot be read."""
-    try:
-        sqnr = pt2_layer_sqnr.layer_sqnr(float_module, plain, pt2_layer_sqnr.sample_batches(ctx, specs, samples),
-                                         list(candidates))
-    except Exception as exc:  # only the order of the probes depends on it
-        ctx.log("warning", f"per-layer SQNR for the probe order not measured: {type(exc).__name__}: {exc}")
-        return list(candidates)
-    return sorted(candidates, key=lambda name: float("inf") if sqnr.get(name) is None else sqnr[name])
+    """Candidates by lowest layer SQNR in the plain quantized graph first (graph order where it cannot be read)."""
+    return sensitivity_analysis.by_lowest_sqnr(ctx, candidates, lambda: pt2_layer_sqnr.layer_sqnr(
+        float_module, plain, pt2_layer_sqnr.sample_batches(ctx, specs, samples), list(candidates)))
 
 
 def analyse(ctx: JobContext, *, float_module: torch.fx.GraphModule, plain: torch.fx.GraphModule, build: Build,
@@ -118,15 +112,8 @@ def analyse(ctx: JobContext, *, float_module: torch.fx.GraphModule, plain: torch
 def _cost(plain: torch.fx.GraphModule, chosen: torch.fx.GraphModule, feed: dict[str, np.ndarray],
           names: list[str], device: str) -> dict[str, Any]:
     """Latency of the plain and the chosen candidate, interleaved; their sizes come from the saved files."""
-    import torch
-
     a = pt2_common.runner_for_module(plain, names, threads=None, device=device)
     b = pt2_common.runner_for_module(chosen, names, threads=None, device=device)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as metrics.latency: batch 1, one thread
-    try:
-        return sensitivity_analysis.latency_cost(
-            lambda: a(feed), lambda: b(feed), LATENCY_RUNS,
-            "batch 1, one thread, eager torch (the portable .pt2); a compiled package differs")
-    finally:
-        torch.set_num_threads(threads)
+    return sensitivity_analysis.latency_cost(lambda: a(feed), lambda: b(feed), LATENCY_RUNS,
+                                             "batch 1, one thread, eager torch (the portable .pt2); a compiled "
+                                             "package differs")

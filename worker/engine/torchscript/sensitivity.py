@@ -35,14 +35,9 @@ Build = Callable[[frozenset[str]], "torch.jit.ScriptModule"]  # layers kept floa
 
 def _order(ctx: JobContext, original: torch.jit.ScriptModule, plain: torch.jit.ScriptModule,
            candidates: Sequence[str], inputs: list[TensorSpec], samples: evaluate.Samples) -> list[str]:
-    """Candidates by lowest layer SQNR first (unmatched last, in module order), so a budget that runs out leaves
-    the least suspect unmeasured; module order where SQNR cannot be read."""
-    try:
-        sqnr = ts_layer_sqnr.layer_sqnr(original, plain, sample_batches(ctx, inputs, samples), list(candidates))
-    except Exception as exc:  # only the order of the probes depends on it
-        ctx.log("warning", f"per-layer SQNR for the probe order not measured: {type(exc).__name__}: {exc}")
-        return list(candidates)
-    return sorted(candidates, key=lambda name: float("inf") if sqnr.get(name) is None else sqnr[name])
+    """Candidates by lowest layer SQNR in the plain quantized module first (module order where it cannot be read)."""
+    return sensitivity_analysis.by_lowest_sqnr(ctx, candidates, lambda: ts_layer_sqnr.layer_sqnr(
+        original, plain, sample_batches(ctx, inputs, samples), list(candidates)))
 
 
 def _saved_bytes(module: torch.jit.ScriptModule, artifact: Path) -> int:
@@ -58,17 +53,10 @@ def _saved_bytes(module: torch.jit.ScriptModule, artifact: Path) -> int:
 def _latency(plain: torch.jit.ScriptModule, chosen: torch.jit.ScriptModule, feed: dict[str, np.ndarray],
              names: list[str]) -> dict[str, Any]:
     """Latency of the plain and the chosen candidate, interleaved, as metrics.latency runs them."""
-    import torch
-
     a = ts_common.runner_for_module(plain, names, threads=None)
     b = ts_common.runner_for_module(chosen, names, threads=None)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as metrics.latency: batch 1, one thread
-    try:
-        return sensitivity_analysis.latency_cost(lambda: a(feed), lambda: b(feed), LATENCY_RUNS,
-                                                 "batch 1, one thread, the TorchScript module (fbgemm kernels)")
-    finally:
-        torch.set_num_threads(threads)
+    return sensitivity_analysis.latency_cost(lambda: a(feed), lambda: b(feed), LATENCY_RUNS,
+                                             "batch 1, one thread, the TorchScript module (fbgemm kernels)")
 
 
 def analyse(ctx: JobContext, *, original: torch.jit.ScriptModule, plain: torch.jit.ScriptModule, build: Build,
