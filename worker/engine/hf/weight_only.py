@@ -33,7 +33,6 @@ from worker.engine.hf import compress, mixed
 from worker.engine.hf import measure as hf_measure
 from worker.engine.hf import sensitivity as hf_sensitivity
 from worker.engine.hf.compress import Plan, plan_layers
-from worker.engine.registry import resolve
 from worker.engine.types import ArtifactFile, QuantizeResult
 
 if TYPE_CHECKING:
@@ -123,9 +122,6 @@ def run(ctx: JobContext) -> QuantizeResult:
     import transformers
 
     config: WeightOnlyConfig = ctx.config
-    problems = resolve(ctx.format, ctx.method).config_problems(config, ctx.device)  # the CLI meets them here
-    if problems:
-        raise EngineError("; ".join(f"config.{field}: {why}" for field, why in problems), code="unsupported")
     device = accelerator.torch_device(ctx.device)
     ctx.progress("loading", 0.02)
     folder = hf_common.unpack(ctx.model_path, ctx.work_dir)
