@@ -77,10 +77,7 @@ def measured_goal(target: TargetConfig | None, run: Runner, samples: evaluate.Sa
     is measured on; the target's own checks (labels for accuracy, class scores for top1_agreement, perplexity
     where the format measured it) fail here, before any candidate runs."""
     reference = [evaluate.unpadded(b, run(b)) for b in samples.batches]
-    firsts = [r[0] for r in reference]
-    float_accuracy = None if samples.labels is None else m.accuracy_top1(firsts, samples.labels)
-    return s.goal(target, float_accuracy, m.top1_agreement(firsts, firsts) is not None,
-                  float_perplexity=float_perplexity)
+    return s.goal_on(target, reference, samples.labels, float_perplexity=float_perplexity)
 
 
 def sweep_all(ctx: JobContext, subject: Subject, started: float) -> QuantizeResult:

@@ -120,6 +120,16 @@ def goal(target: TargetConfig | None, float_accuracy: float | None, has_top1: bo
     return Goal("cosine", 1.0 - DEFAULT_COSINE, False, 1.0, DEFAULT_BUDGET_S, False)
 
 
+def goal_on(target: TargetConfig | None, reference: Sequence[Sequence[np.ndarray]], labels: np.ndarray | None, *,
+            float_perplexity: float | None = None) -> Goal:
+    """goal() read from the float model's outputs on the measured samples (reference: per sample, per output):
+    its top-1 accuracy where there are labels, and whether its first output is class scores."""
+    firsts = [r[0] for r in reference]
+    float_accuracy = None if labels is None else m.accuracy_top1(firsts, labels)
+    return goal(target, float_accuracy, m.top1_agreement(firsts, firsts) is not None,
+                float_perplexity=float_perplexity)
+
+
 def exclude_patterns(names: Sequence[str]) -> list[str]:
     """Anchored, escaped regexes that match exactly these layer names: ready for config.exclude."""
     return [f"^{re.escape(name)}$" for name in names]

@@ -57,10 +57,8 @@ def analyse(ctx: JobContext, *, float_model: object, plain: object, build: Calla
     started = time.monotonic()
     batches, labels = samples.batches, samples.labels
     reference = outputs(float_model, len(batches))
-    float_accuracy = None if labels is None else m.accuracy_top1([r[0] for r in reference], labels)
-    has_top1 = m.top1_agreement([r[0] for r in reference], [r[0] for r in reference]) is not None
     float_perplexity = None if perplexity is None else perplexity(float_model, len(batches))
-    goal = s.goal(ctx.config.target, float_accuracy, has_top1, float_perplexity=float_perplexity)
+    goal = s.goal_on(ctx.config.target, reference, labels, float_perplexity=float_perplexity)
     deadline = started + goal.budget_s
     probes = min(len(batches), s.PROBE_SAMPLES)
     probe_labels = None if labels is None else labels[:probes]

@@ -66,9 +66,7 @@ def float_goal(target: TargetConfig | None, model_path: Path, samples: evaluate.
     """The goal (the target, else the default) on these samples, and the float model's outputs it was read from."""
     float_runner = onnx_common.load_runner(model_path, threads=None)
     reference = [evaluate.unpadded(b, float_runner(b)) for b in samples.batches]
-    float_accuracy = None if samples.labels is None else m.accuracy_top1([r[0] for r in reference], samples.labels)
-    has_top1 = m.top1_agreement([r[0] for r in reference], [r[0] for r in reference]) is not None
-    return s.goal(target, float_accuracy, has_top1), reference
+    return s.goal_on(target, reference, samples.labels), reference
 
 
 def analyse(ctx: JobContext, *, output: Path, model_path: Path, nodes: list[onnx_common.WeightNode],
